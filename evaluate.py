@@ -1,0 +1,302 @@
+"""
+Every metric and probe of the project, and a CLI that scores a checkpoint.
+
+    python evaluate.py runs/grid/base            # writes runs/grid/base/metrics.json
+
+Generation metrics (temperature-1 samples on held-out inputs, attributed with task.check):
+    parse_rate, answer_accuracy      share of generations that parse / are correct
+    strategy_tv                      TV( generated strategy frequencies , mean_x p*(s|x) )
+                                     (an ambiguous y is credited to its strategies in proportion
+                                     to p*; an unattributed y goes to a "none" bin p* never has)
+    ambiguous_rate, unattributed_rate
+Likelihood metrics (teacher forcing, no sampling noise):
+    excess_nll                       mean over DGP samples of -log p_theta(y|x) + log p*(y|x)
+    strategy_tv_per_input            mean_x TV( p_theta(trace_s(x) | x) , p*(s|x) ), with the
+                                     model's mass on non-traces counted as a "none" bin
+Linear probes (Key Figure 1): a logistic probe per (layer, y-position) from the residual stream
+to the strategy that wrote y, trained and scored on disjoint inputs; the shuffled-label probe
+and the majority-class rate are the baselines.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from model import load_checkpoint, model_from_checkpoint, pad_batch, pick_device, run_main, token_log_probs
+from tasks import EOS, PAD, VOCAB, decode, encode, get_task, prompt_tokens, record_tokens, sample_split_input
+
+# ----------------------------------------------------------------------------------------------
+# Data for evaluation: held-out inputs and DGP samples
+
+
+def heldout_inputs(task, n, seed):
+    """n inputs from the held-out split, distinct, reproducible from seed."""
+    rng, xs, seen = random.Random(seed), [], set()
+    for _ in range(50 * n):
+        x = sample_split_input(task, rng, "test")
+        key = tuple(task.input_tokens(x))
+        if key not in seen:
+            seen.add(key)
+            xs.append(x)
+            if len(xs) == n:
+                break
+    return xs
+
+
+def dgp_samples(task, xs, seed):
+    """One draw s ~ p*(s|x), y = trace(x, s) per input: a list of (x, s, y)."""
+    rng = random.Random(seed)
+    return [(x, s, task.trace(x, s)) for x in xs for s in [task.sample_strategy(x, rng)]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and teacher forcing
+
+
+@torch.no_grad()
+def generate_ys(model, task, xs, latent_tokens=None, latent=None, temperature=1.0, seed=0,
+                batch_size=256):
+    """
+    Sample one y per input from <bos> <x> .. </x> <z> latent </z> <y>. latent_tokens: one token
+    per input (default <z_empty>); latent (N, dz): a vector added at that slot. Returns token
+    lists, or None for a generation that did not close with </y> <eos>.
+    """
+    model.eval()
+    device = model.tok_emb.weight.device
+    latent_tokens = latent_tokens or ["<z_empty>"] * len(xs)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    max_new = model.config.block_size
+    ys = []
+    for i in range(0, len(xs), batch_size):
+        prompts = [encode(prompt_tokens(task.input_tokens(x), lt))
+                   for x, lt in zip(xs[i:i + batch_size], latent_tokens[i:i + batch_size])]
+        kwargs = {}
+        if latent is not None:
+            kwargs = {"latent": latent[i:i + batch_size].to(device),
+                      "latent_pos": torch.tensor([len(p) - 3 for p in prompts], device=device)}
+        outs = model.generate(prompts, max_new, EOS, PAD, temperature, generator, **kwargs)
+        for out in outs:
+            tokens = decode(out)
+            ok = len(tokens) >= 2 and tokens[-2:] == ["</y>", "<eos>"] and "</y>" not in tokens[:-2]
+            ys.append(tokens[:-2] if ok else None)
+    return ys
+
+
+@torch.no_grad()
+def record_log_probs(model, task, xs, ys, latent_tokens=None, batch_size=256):
+    """log p_theta(y </y> <eos> | prompt) for each (x, y) by teacher forcing: a tensor (N,)."""
+    model.eval()
+    device = model.tok_emb.weight.device
+    latent_tokens = latent_tokens or ["<z_empty>"] * len(xs)
+    records = [encode(record_tokens(task.input_tokens(x), y, lt)) for x, y, lt in zip(xs, ys, latent_tokens)]
+    starts = [len(prompt_tokens(task.input_tokens(x))) for x in xs]
+    order = sorted(range(len(records)), key=lambda i: len(records[i]))  # batch by length
+    out = torch.zeros(len(records))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        idx, mask = pad_batch([records[r] for r in rows], PAD, [starts[r] for r in rows], device)
+        out[rows] = (token_log_probs(model(idx), idx) * mask).sum(-1).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def tv_distance(p, q):
+    """Total variation 0.5 * sum_k |p_k - q_k| between two dicts of probabilities."""
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def strategy_credit(task, x, matched):
+    """Split one generation among the strategies whose trace it equals, in proportion to p*."""
+    if not matched:
+        return {"none": 1.0}
+    probs = task.strategy_probs(x)
+    total = sum(probs[s] for s in matched)
+    return {s: probs[s] / total for s in matched} if total > 0 else {s: 1 / len(matched) for s in matched}
+
+
+def generation_metrics(task, xs, ys):
+    """parse_rate, answer_accuracy, strategy_tv, ambiguous/unattributed rates, strategy frequencies."""
+    n = len(xs)
+    checks = [task.check(x, y) if y is not None else None for x, y in zip(xs, ys)]
+    generated, expected = Counter(), Counter()
+    for x, c in zip(xs, checks):
+        for s, w in strategy_credit(task, x, c.strategies if c else frozenset()).items():
+            generated[s] += w / n
+        for s, p in task.strategy_probs(x).items():
+            expected[s] += p / n
+    return {
+        "parse_rate": sum(bool(c and c.parsed) for c in checks) / n,
+        "answer_accuracy": sum(bool(c and c.correct) for c in checks) / n,
+        "strategy_tv": tv_distance(generated, expected),
+        "ambiguous_rate": sum(bool(c and len(c.strategies) > 1) for c in checks) / n,
+        "unattributed_rate": sum(not (c and c.strategies) for c in checks) / n,
+        "strategy_freq": {s: generated.get(s, 0.0) for s in (*task.strategies, "none")},
+    }
+
+
+def excess_nll(model, task, samples):
+    """mean over DGP samples (x, s, y) of -log p_theta(y|x) + log p*(y|x); 0 is perfect."""
+    xs, ys = [x for x, _, _ in samples], [y for _, _, y in samples]
+    model_logp = record_log_probs(model, task, xs, ys)
+    true_logp = torch.tensor([task.log_prob(x, y) for x, y in zip(xs, ys)])
+    return float((true_logp - model_logp).mean())
+
+
+def strategy_tv_per_input(model, task, xs):
+    """mean_x TV(p_theta(trace_s(x)|x), p*(s|x)) over distinct traces, exact (no sampling)."""
+    rows, owners = [], []  # one row per distinct trace of each input
+    for i, x in enumerate(xs):
+        distinct = {}
+        for s, t in task.traces(x).items():
+            distinct.setdefault(tuple(t), []).append(s)
+        for t, strategies in distinct.items():
+            rows.append((x, list(t)))
+            owners.append((i, strategies))
+    model_p = record_log_probs(model, task, [x for x, _ in rows], [y for _, y in rows]).exp()
+    tvs = [0.0] * len(xs)
+    mass = [0.0] * len(xs)
+    for (i, strategies), p in zip(owners, model_p.tolist()):
+        probs = task.strategy_probs(xs[i])
+        tvs[i] += 0.5 * abs(p - sum(probs[s] for s in strategies))
+        mass[i] += p
+    return sum(tv + 0.5 * max(0.0, 1.0 - m) for tv, m in zip(tvs, mass)) / len(xs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probes: residual stream at (layer, y-position) -> strategy
+
+
+@torch.no_grad()
+def probe_features(model, task, samples, max_positions, batch_size=128):
+    """
+    Residual stream at y-positions 0..P-1 for each sample: position 0 is the <y> token, position p
+    the p-th y token. Returns features (N, L+1, P, d) and a mask (N, P) of positions inside y.
+    """
+    model.eval()
+    device = model.tok_emb.weight.device
+    records = [encode(record_tokens(task.input_tokens(x), y)) for x, _, y in samples]
+    y_start = [len(prompt_tokens(task.input_tokens(x))) - 1 for x, _, _ in samples]  # index of <y>
+    P, feats = max_positions, []
+    valid = torch.tensor([[p <= len(y) for p in range(P)] for _, _, y in samples])  # (N, P)
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        idx, _ = pad_batch(chunk, PAD, [0] * len(chunk), device)
+        _, hidden = model(idx, return_hidden=True)  # (B, L+1, T, d)
+        pos = torch.tensor([[min(s + p, len(r) - 1) for p in range(P)]
+                            for s, r in zip(y_start[i:i + batch_size], chunk)], device=device)  # (B, P)
+        gather = pos[:, None, :, None].expand(-1, hidden.shape[1], -1, hidden.shape[-1])
+        feats.append(hidden.gather(2, gather).float().cpu())  # (B, L+1, P, d)
+    return torch.cat(feats), valid
+
+
+def train_probes(features, labels, valid, n_classes, is_train, steps=300, lr=0.05, l2=1e-3):
+    """
+    One logistic probe per group, all trained at once: features (G, N, d), labels (N,), valid
+    (G, N) marks usable samples, is_train (N,) the split. Features are standardised with training
+    statistics. Returns test accuracy per group (G,), NaN where fewer than 10 test samples.
+    """
+    G, N, d = features.shape
+    train_w = (valid & is_train[None]).float()  # (G, N)
+    test_w = (valid & ~is_train[None]).float()
+    denom = train_w.sum(1, keepdim=True).clamp(min=1)[..., None]
+    mean = (features * train_w[..., None]).sum(1, keepdim=True) / denom
+    std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / denom).sqrt() + 1e-5
+    X = (features - mean) / std  # (G, N, d)
+    W = torch.zeros(G, d, n_classes, requires_grad=True)
+    b = torch.zeros(G, 1, n_classes, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    target = labels[None].expand(G, N)
+    for _ in range(steps):
+        logits = X @ W + b  # (G, N, C)
+        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (G, N)
+        loss = (nll * train_w).sum() / train_w.sum().clamp(min=1) + l2 * (W ** 2).sum() / G
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        correct = ((X @ W + b).argmax(-1) == target).float()
+        n_test = test_w.sum(1)
+        acc = (correct * test_w).sum(1) / n_test.clamp(min=1)
+        acc[n_test < 10] = float("nan")
+    return acc
+
+
+def probe_grid(model, task, n=1200, test_fraction=1 / 3, seed=0):
+    """
+    Probe accuracy for every (layer, y-position) on held-out DGP samples split by input.
+    Returns accuracy and shuffled-label accuracy (L+1, P), the chance level and counts.
+    """
+    xs = heldout_inputs(task, n, seed)
+    samples = [s for s in dgp_samples(task, xs, seed + 1)
+               if len(task.check(s[0], s[2]).strategies) == 1]  # drop ambiguous traces
+    labels = torch.tensor([task.strategies.index(s) for _, s, _ in samples])
+    P = max(len(y) for _, _, y in samples) + 1
+    feats, valid = probe_features(model, task, samples, P)  # (N, L+1, P, d), (N, P)
+    N, L1, _, d = feats.shape
+    is_train = torch.arange(N) >= int(N * test_fraction)  # inputs are distinct: split by x
+    groups = feats.permute(1, 2, 0, 3).reshape(L1 * P, N, d)
+    group_valid = valid.T[None].expand(L1, P, N).reshape(L1 * P, N)
+    S = len(task.strategies)
+    acc = train_probes(groups, labels, group_valid, S, is_train).view(L1, P)
+    shuffled = labels[torch.randperm(N, generator=torch.Generator().manual_seed(seed))]
+    shuffled_labels = torch.where(is_train, shuffled, labels)  # scored on the true test labels
+    acc_shuffled = train_probes(groups, shuffled_labels, group_valid, S, is_train).view(L1, P)
+    chance = Counter(labels[~is_train].tolist()).most_common(1)[0][1] / int((~is_train).sum())
+    return {"acc": acc, "acc_shuffled": acc_shuffled, "chance": chance,
+            "n_train": int(is_train.sum()), "n_test": int((~is_train).sum())}
+
+
+def first_decodable_position(acc, threshold=0.95):
+    """First y-position where some layer's probe reaches threshold, or None."""
+    best = torch.nan_to_num(acc, nan=0.0).max(0).values  # (P,)
+    hits = (best >= threshold).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a base model
+
+
+def base_metrics(model, task, n_inputs=500, seed=0):
+    """Every base-model metric on held-out inputs (temperature-1 generation, teacher forcing)."""
+    xs = heldout_inputs(task, n_inputs, seed)
+    ys = generate_ys(model, task, xs, temperature=1.0, seed=seed)
+    metrics = generation_metrics(task, xs, ys)
+    metrics["excess_nll"] = excess_nll(model, task, dgp_samples(task, xs, seed + 1))
+    metrics["strategy_tv_per_input"] = strategy_tv_per_input(model, task, xs)
+    return metrics
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Score a run folder's checkpoint; writes metrics.json there.")
+    parser.add_argument("run", help="a run folder holding ckpt.pt, e.g. runs/grid/base")
+    parser.add_argument("--inputs", type=int, default=500, help="held-out inputs to generate for")
+    parser.add_argument("--seed", type=int, default=0, help="seed for inputs and sampling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = parser.parse_args(argv)
+    path = os.path.join(args.run, "ckpt.pt")
+    ckpt = load_checkpoint(path, vocab=VOCAB)
+    task = get_task(ckpt["task"], **ckpt.get("task_options", {}))
+    model = model_from_checkpoint(ckpt, path).to(pick_device(args.device))
+    metrics = base_metrics(model, task, args.inputs, args.seed)
+    probes = probe_grid(model, task, seed=args.seed)
+    metrics["probe_first_position_95"] = first_decodable_position(probes["acc"])
+    metrics["probe_chance"] = probes["chance"]
+    with open(os.path.join(args.run, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,394 @@
+"""
+A small GPT written from scratch (after nanoGPT), with the hooks strategy disentanglement needs.
+
+    h_0     = tok_emb(idx) + pos_emb(pos) [+ E(z) at the <z_empty> slot]      (B, T, d)
+    h_l     = h_{l-1} + Attn(LN(h_{l-1})),  h_l = h_l + MLP(LN(h_l))          l = 1..L
+    logits  = LN(h_L) @ tok_emb^T                                            (B, T, V)
+
+- Discrete latents are ordinary tokens <z1>..<zK>; `router_log_probs` reads p(z|x) off the
+  next-token distribution at the routing position, renormalised over the K latent tokens, and
+  returns the mass the full softmax puts outside them (the method's "router support").
+- The continuous latent is a vector z (B, dz) mapped by a learned E (zero-initialised, so a fresh
+  projection changes nothing) and added to the embedding at one position per row.
+- `forward(..., return_hidden=True)` also returns the residual stream after the embedding and
+  after each block, (B, L+1, T, d), for the linear probes.
+- `generate` samples a batch of prompts of different lengths with a KV cache.
+- Checkpoints are plain dicts written atomically and read with `torch.load(weights_only=True)`.
+
+This file knows nothing of the tasks; callers pass the vocabulary size and special token ids.
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int  # number of tokens
+    block_size: int = 160  # longest sequence (learned positions)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # residual stream width d
+    dropout: float = 0.0  # dropout on attention and MLP outputs
+    latent_dim: int = 0  # dz of a continuous latent added at one position (0: none)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if cache is not None:  # write this step's keys and values, attend over everything so far
+            k, v = cache.update(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LayerCache:
+    """Keys and values of one layer for the rows being generated, preallocated to max length."""
+
+    def __init__(self, B, n_head, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(B, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def update(self, k, v):
+        T = k.shape[2]
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
+        self.latent_proj = nn.Linear(cfg.latent_dim, cfg.n_embd) if cfg.latent_dim else None
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2L) so the stream's variance stays O(1)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") and name.startswith("blocks."):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if self.latent_proj is not None:  # E(z) starts at 0: injecting a latent changes nothing yet
+            nn.init.zeros_(self.latent_proj.weight)
+            nn.init.zeros_(self.latent_proj.bias)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, latent=None, latent_pos=None, return_hidden=False,
+                positions=None, attn_mask=None, caches=None):
+        """
+        idx (B, T) token ids -> logits (B, T, V) [, hidden (B, L+1, T, d)].
+        latent (B, dz) with latent_pos (B,): add E(latent) at that position; rows with
+        latent_pos < 0 are untouched. positions (B, T), attn_mask (B, 1, T, Tk) and caches (one
+        LayerCache per block) are for generation; training uses the defaults (causal, 0..T-1).
+        """
+        B, T = idx.shape
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, d)
+        if latent is not None:
+            if self.latent_proj is None:
+                raise ValueError("this model has latent_dim=0 and cannot take a continuous latent")
+            slot = torch.arange(T, device=idx.device)[None, :] == latent_pos[:, None]  # (B, T)
+            x = x + slot.unsqueeze(-1).to(x.dtype) * self.latent_proj(latent).unsqueeze(1)
+        hidden = [x]
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, None if caches is None else caches[i])
+            hidden.append(x)
+        logits = self.lm_head(self.ln_f(x))
+        if return_hidden:
+            return logits, torch.stack(hidden, dim=1)  # (B, L+1, T, d)
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None,
+                 latent=None, latent_pos=None, use_cache=True):
+        """
+        Sample continuations of prompts of different lengths in one batch.
+
+        prompts: list of B lists of ids. Rows are left-padded; each row gets positions 0.. from
+        its first real token, and pad keys are masked out. A row stops at eos_id; the loop ends
+        once every row has. temperature 0 is greedy. latent (B, dz) is added at latent_pos (B,),
+        an index into each unpadded prompt. Returns B lists of new ids (up to and with eos).
+        """
+        device = self.tok_emb.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if P + max_new_tokens > self.config.block_size:
+            max_new_tokens = self.config.block_size - P
+        total = P + max_new_tokens
+        pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
+        idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        steps = torch.arange(total, device=device)
+        positions = (steps[None, :] - pad[:, None]).clamp(min=0)  # (B, total)
+        # key j is visible to query i when j <= i and j is not padding; every query sees itself
+        # so that padded rows never have an empty softmax
+        visible = (steps[None, None, :] <= steps[None, :, None]) & (steps[None, None, :] >= pad[:, None, None])
+        visible = (visible | torch.eye(total, dtype=torch.bool, device=device)).unsqueeze(1)  # (B, 1, total, total)
+        if latent is not None:
+            latent_pos = latent_pos + pad
+
+        caches = None
+        if use_cache:
+            hd = self.config.n_embd // self.config.n_head
+            caches = [LayerCache(B, self.config.n_head, total, hd, device, self.tok_emb.weight.dtype)
+                      for _ in self.blocks]
+            logits = self(idx, latent, latent_pos, positions=positions[:, :P],
+                          attn_mask=visible[:, :, :P, :P], caches=caches)[:, -1]
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            T = P + t
+            if not use_cache:  # reference path: recompute the whole sequence every step
+                logits = self(idx, latent, latent_pos, positions=positions[:, :T],
+                              attn_mask=visible[:, :, :T, :T])[:, -1]
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = F.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows emit pad
+            out[:, t] = nxt
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            if use_cache:
+                logits = self(nxt[:, None], positions=positions[:, T:T + 1],
+                              attn_mask=visible[:, :, T:T + 1, :T + 1], caches=caches)[:, -1]
+        rows = []
+        for row in out.tolist():
+            rows.append(row[:row.index(eos_id) + 1] if eos_id in row else [t for t in row if t != pad_id])
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers used by both stages
+
+
+def token_log_probs(logits, idx):
+    """log p(idx[:, t+1] | idx[:, :t+1]) for every t: logits (B, T, V), idx (B, T) -> (B, T-1)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, idx[:, 1:, None]).squeeze(-1)
+
+
+def router_log_probs(logits, latent_ids):
+    """
+    p(z|x) from the next-token logits (B, V) at the routing position.
+    Returns log p(z=k|x) renormalised over the K latent tokens (B, K) and the probability mass
+    the full softmax puts outside them (B,), which the router-support term pushes to 0.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)[:, latent_ids]  # (B, K)
+    log_inside = torch.logsumexp(logp, dim=-1)  # (B,)
+    return logp - log_inside[:, None], -torch.expm1(log_inside)
+
+
+def pad_batch(sequences, pad_id, loss_starts, device="cpu"):
+    """
+    Right-pad id lists into idx (B, T) and a loss mask (B, T-1) over targets: target t+1 counts
+    when loss_starts[b] <= t+1 < len(sequence b). Returns idx, mask.
+    """
+    T = max(len(s) for s in sequences)
+    idx = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    target_pos = torch.arange(1, T)[None, :]  # (1, T-1)
+    lengths = torch.tensor([len(s) for s in sequences])[:, None]
+    starts = torch.tensor(loss_starts)[:, None]
+    mask = (target_pos >= starts) & (target_pos < lengths)
+    return idx.to(device), mask.to(device)
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
+    """AdamW with weight decay on matrices (2-D and up) only, not on biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda, then mps, then cpu; otherwise the named device (ValueError if absent)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps was asked for but MPS is not available")
+    return name
+
+
+def autocast(device, bf16):
+    """bf16 autocast on CUDA when asked for; a no-op elsewhere."""
+    if bf16 and str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts (weights, config, vocabulary, task, training state), written atomically
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or does not match what the caller expects."""
+
+
+def save_checkpoint(path, model, vocab, task, **state):
+    """Write {model, model_config, vocab, task, **state} to path via a temp file and a rename."""
+    ckpt = {"model": model.state_dict(), "model_config": asdict(model.config),
+            "vocab": list(vocab), "task": task, **state}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, vocab=None, task=None):
+    """Read a checkpoint dict; CheckpointError naming the file if it is missing, corrupt or mismatched."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt): "
+                              f"{type(e).__name__}") from None
+    missing = {"model", "model_config", "vocab", "task"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (missing {sorted(missing)})")
+    if vocab is not None and list(ckpt["vocab"]) != list(vocab):
+        raise CheckpointError(f"{path}: vocabulary differs from this code's ({len(ckpt['vocab'])} "
+                              f"tokens saved, {len(vocab)} now)")
+    if task is not None and ckpt["task"] != task:
+        raise CheckpointError(f"{path}: checkpoint is for task {ckpt['task']!r}, not {task!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
+    """Build a GPT from a checkpoint's config (fields in overrides replace saved ones) and load it."""
+    cfg = GPTConfig(**{**ckpt["model_config"], **overrides})
+    model = GPT(cfg)
+    try:
+        result = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{path}: weights do not match the saved config: {str(e).splitlines()[-1].strip()}") from None
+    allowed_missing = {"latent_proj.weight", "latent_proj.bias"} if "latent_dim" in overrides else set()
+    if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not match the saved config "
+                              f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Run utilities shared by the stage scripts: config dataclass -> argparse, seeding, errors
+
+
+def arg(default, help):
+    """A config field whose help text is its --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_config(cls, argv=None, description=""):
+    """Build an argparse parser from a config dataclass's fields and return an instance."""
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
+        name, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(name, type=typ, default=f.default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def seed_everything(seed):
+    """Seed Python and torch once per run; data generators take their own random.Random."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_main(main, argv=None):
+    """Run a stage's main(); user errors become one line on stderr and exit status 1."""
+    try:
+        return main(argv)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,257 @@
+"""
+Stage 1: train the entangled base model p_theta(y|x) on a mixture of strategies.
+
+Each record is drawn from the data-generating process: x from the task's training split,
+s ~ p*(s|x), y = trace(x, s). The model sees
+
+    <bos> <x> ... </x> <z> <z_empty> </z> <y> ... </y> <eos>
+
+and is trained by maximum likelihood on the y tokens only (y, </y>, <eos>):
+
+    L(theta) = - E_{x, s, y} [ sum_t log p_theta(y_t | x, y_<t) ]
+
+The strategy is never shown, so the model learns the mixture p(y|x) = sum_s p*(s|x) p(y|x,s):
+one entangled distribution with no explicit strategy knob. The `<z> <z_empty> </z>` slot is a
+no-op here; stage 2 writes a latent into it.
+
+Records are generated on the fly (batch i depends only on seed and i, so --resume is exact),
+grouped by length so padding wastes little compute. Every eval_interval steps the run samples
+held-out inputs at temperature 1, scores them with evaluate.py, saves a checkpoint and a probe
+snapshot (Key Figure 1 over training).
+
+    python train_base.py --task grid                # CPU, about 10 minutes
+    python train_base.py --task sort --device cuda  # GPU, a minute or two
+    python evaluate.py runs/grid/base               # rescore the final checkpoint
+
+Writes runs/<task>/base/: ckpt.pt, config.json, log.jsonl, metrics.json, probes.npz.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluate import base_metrics, first_decodable_position, probe_grid
+from model import (GPT, GPTConfig, arg, autocast, configure_optimizer, load_checkpoint, model_from_checkpoint,
+                   pad_batch, parse_config, pick_device, run_main, save_checkpoint, seed_everything, token_log_probs)
+from tasks import PAD, VOCAB, encode, get_task, prompt_tokens, record_tokens
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+# training steps per task when --steps is 0 (chosen to reach the README's targets on a 2-core CPU)
+TASK_STEPS = {"list_summation": 3000, "sorting_algorithms": 4000, "grid_pathfinding": 2500,
+              "linear_equation_solving": 3000, "base_conversion": 5000, "multidigit_addition": 4000}
+
+
+@dataclass
+class Config:
+    task: str = arg("grid", "task name or alias: sum sort grid linear base add")
+    mixture: str = arg("uniform", "ground-truth p*(s|x): uniform or input-dependent")
+    out: str = arg("", "run folder (default runs/<task>/base)")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    seed: int = arg(0, "seed for initialisation, data and evaluation")
+    steps: int = arg(0, "optimisation steps (0: the task's default in TASK_STEPS)")
+    batch_size: int = arg(64, "records per step")
+    n_layer: int = arg(4, "transformer blocks")
+    n_head: int = arg(4, "attention heads")
+    n_embd: int = arg(128, "residual stream width")
+    lr: float = arg(2e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
+    warmup: int = arg(100, "warm-up steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = arg(1.0, "gradient-norm clip")
+    eval_interval: int = arg(500, "steps between evaluations, checkpoints and probe snapshots")
+    eval_inputs: int = arg(500, "held-out inputs sampled per evaluation")
+    log_interval: int = arg(50, "steps between log lines")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    bf16: bool = arg(False, "bf16 autocast (CUDA only)")
+
+    def validate(self):
+        for name in ("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.steps < 0 or self.warmup < 0 or self.lr <= 0:
+            raise ValueError("--steps and --warmup must be >= 0 and --lr > 0")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: length-bucketed batches that depend only on (seed, step)
+
+POOL_BATCHES = 32  # records for this many batches are drawn at once and grouped by length
+
+
+def batch_pool(task, seed, pool_index, batch_size):
+    """POOL_BATCHES batches of encoded records, each of similar lengths, in shuffled order."""
+    rng = random.Random(seed * 1_000_003 + pool_index)
+    records = []
+    for _ in range(POOL_BATCHES * batch_size):
+        x, _, y = task.sample(rng, split="train")
+        x_tokens = task.input_tokens(x)
+        records.append((encode(record_tokens(x_tokens, y)), len(prompt_tokens(x_tokens))))
+    records.sort(key=lambda r: len(r[0]))
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class BatchStream:
+    """batch(step) -> (idx (B, T), loss mask (B, T-1), real-token fraction); pools are cached."""
+
+    def __init__(self, task, seed, batch_size):
+        self.task, self.seed, self.batch_size = task, seed, batch_size
+        self.pool_index, self.pool = None, None
+
+    def batch(self, step, device):
+        pool_index = step // POOL_BATCHES
+        if pool_index != self.pool_index:
+            self.pool_index, self.pool = pool_index, batch_pool(self.task, self.seed, pool_index, self.batch_size)
+        rows = self.pool[step % POOL_BATCHES]
+        idx, mask = pad_batch([r for r, _ in rows], PAD, [s for _, s in rows], device)
+        real = sum(len(r) for r, _ in rows) / idx.numel()
+        return idx, mask, real
+
+
+def lr_at(step, cfg, total):
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr / 10 at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def y_loss(model, idx, mask):
+    """Mean negative log-likelihood of the y tokens: -(1/#y) sum_t log p_theta(y_t | x, y_<t)."""
+    return -(token_log_probs(model(idx), idx) * mask).sum() / mask.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and snapshots
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, step):
+    """On resume, drop log lines written after the checkpoint's step."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def save_probe_snapshot(path, step, probes):
+    """Append one probe grid (L+1, P) to probes.npz (arrays padded to the widest grid)."""
+    snaps = dict(np.load(path)) if os.path.exists(path) else {}
+    steps = [int(s) for s in snaps.get("steps", []) if s < step] + [step]
+    grids = [g for g, s in zip(snaps.get("acc", []), snaps.get("steps", [])) if s < step] + [probes["acc"].numpy()]
+    shuffled = [g for g, s in zip(snaps.get("acc_shuffled", []), snaps.get("steps", [])) if s < step]
+    shuffled += [probes["acc_shuffled"].numpy()]
+    P = max(g.shape[1] for g in grids)
+    pad = lambda gs: np.stack([np.pad(g, ((0, 0), (0, P - g.shape[1])), constant_values=np.nan) for g in gs])
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, steps=np.array(steps), acc=pad(grids), acc_shuffled=pad(shuffled), chance=probes["chance"])
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    cfg.validate()
+    task = get_task(cfg.task, mixture=cfg.mixture)
+    out = cfg.out or os.path.join("runs", task.name, "base")
+    total_steps = cfg.steps or TASK_STEPS[task.name]
+    device = pick_device(cfg.device)
+    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    seed_everything(cfg.seed)
+
+    model_cfg = GPTConfig(vocab_size=len(VOCAB), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    model = GPT(model_cfg).to(device)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    start_step = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task.name)
+        saved = {k: v for k, v in ckpt["train_config"].items() if k not in ("resume", "device", "steps")}
+        now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "steps")}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"--resume with settings that differ from the saved run: {diff}")
+        model = model_from_checkpoint(ckpt, ckpt_path).to(device)
+        optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        truncate_log(log_path, start_step)
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg)}, f, indent=2)
+
+    def checkpoint(step, metrics):
+        save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options={"mixture": cfg.mixture},
+                        optimizer=optimizer.state_dict(), train_config=asdict(cfg), step=step, metrics=metrics)
+
+    def evaluate_and_snapshot(step):
+        metrics = base_metrics(model, task, cfg.eval_inputs, cfg.seed)
+        probes = probe_grid(model, task, seed=cfg.seed)
+        metrics["probe_first_position_95"] = first_decodable_position(probes["acc"])
+        save_probe_snapshot(os.path.join(out, "probes.npz"), step, probes)
+        model.train()
+        return metrics
+
+    if start_step == 0:
+        append_jsonl(log_path, {"step": 0, **evaluate_and_snapshot(0)})
+    stream = BatchStream(task, cfg.seed, cfg.batch_size)
+    model.train()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=f"base {task.alias}",
+               disable=None)
+    tokens, t0, metrics = 0, time.perf_counter(), {}
+    for step in bar:
+        idx, mask, real = stream.batch(step, device)
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, cfg.bf16):
+            loss = y_loss(model, idx, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens += idx.numel()
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == total_steps:
+            rate = tokens / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:.0f}")
+            append_jsonl(log_path, {"step": done, "loss/y": loss.item(), "lr": lr, "real_token_frac": real,
+                                    "tokens_per_s": rate})
+        if done % cfg.eval_interval == 0 or done == total_steps:
+            metrics = evaluate_and_snapshot(done)
+            append_jsonl(log_path, {"step": done, **metrics})
+            checkpoint(done, metrics)
+            tqdm.write(f"step {done}: acc {metrics['answer_accuracy']:.3f} parse {metrics['parse_rate']:.3f} "
+                       f"tv {metrics['strategy_tv']:.3f} excess_nll {metrics['excess_nll']:.4f} "
+                       f"probe95@{metrics['probe_first_position_95']}")
+    if metrics:
+        metrics["train_seconds"] = time.perf_counter() - t0
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
