@@ -18,6 +18,7 @@ to the strategy that wrote y, trained and scored on disjoint inputs; the shuffle
 and the majority-class rate are the baselines.
 """
 
+import itertools
 import json
 import math
 import os
@@ -247,9 +248,9 @@ def probe_grid(model, task, n=1200, test_fraction=1 / 3, seed=0):
     group_valid = valid.T[None].expand(L1, P, N).reshape(L1 * P, N)
     S = len(task.strategies)
     acc = train_probes(groups, labels, group_valid, S, is_train).view(L1, P)
+    # control: labels permuted across samples (train and test alike) carry no information
     shuffled = labels[torch.randperm(N, generator=torch.Generator().manual_seed(seed))]
-    shuffled_labels = torch.where(is_train, shuffled, labels)  # scored on the true test labels
-    acc_shuffled = train_probes(groups, shuffled_labels, group_valid, S, is_train).view(L1, P)
+    acc_shuffled = train_probes(groups, shuffled, group_valid, S, is_train).view(L1, P)
     chance = Counter(labels[~is_train].tolist()).most_common(1)[0][1] / int((~is_train).sum())
     return {"acc": acc, "acc_shuffled": acc_shuffled, "chance": chance,
             "n_train": int(is_train.sum()), "n_test": int((~is_train).sum())}
@@ -260,6 +261,65 @@ def first_decodable_position(acc, threshold=0.95):
     best = torch.nan_to_num(acc, nan=0.0).max(0).values  # (P,)
     hits = (best >= threshold).nonzero()
     return int(hits[0]) if len(hits) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents against strategies: matching, alignment, coverage
+
+
+def contingency(task, xs, ys, latent_index, K):
+    """C[k, s]: generations decoded under latent k credited to strategy s (ambiguous split by p*)."""
+    C = torch.zeros(K, len(task.strategies))
+    for x, y, k in zip(xs, ys, latent_index):
+        matched = task.check(x, y).strategies if y is not None else frozenset()
+        for s, w in strategy_credit(task, x, matched).items():
+            if s != "none":
+                C[k, task.strategies.index(s)] += w
+    return C
+
+
+def best_matching(C):
+    """
+    The one-to-one assignment latent -> strategy maximising the matched mass sum_k C[k, m(k)],
+    exact by enumeration (K and S are small). Returns (dict k -> s index, matched mass).
+    Unmatched latents (K > S) or strategies (S > K) are left out.
+    """
+    K, S = C.shape
+    best, best_map = -1.0, {}
+    if K <= S:
+        for perm in itertools.permutations(range(S), K):
+            total = float(sum(C[k, perm[k]] for k in range(K)))
+            if total > best:
+                best, best_map = total, {k: perm[k] for k in range(K)}
+    else:
+        for perm in itertools.permutations(range(K), S):
+            total = float(sum(C[perm[s], s] for s in range(S)))
+            if total > best:
+                best, best_map = total, {perm[s]: s for s in range(S)}
+    return best_map, best
+
+
+def alignment_one_to_one(C, total=None):
+    """Matched count under the best one-to-one assignment / all decodes (default: C's sum)."""
+    total = float(C.sum()) if total is None else total
+    return best_matching(C)[1] / total if total > 0 else 0.0
+
+
+def local_coverage(task, xs, ys_per_latent):
+    """
+    Per input, the distinct strategies among its K controlled decodes (correct ones only) over
+    min(K, S). Returns (mean coverage, fraction of inputs with full coverage).
+    """
+    K, S = len(ys_per_latent), len(task.strategies)
+    target, coverages = min(K, S), []
+    for i, x in enumerate(xs):
+        seen = set()
+        for ys in ys_per_latent:
+            c = task.check(x, ys[i]) if ys[i] is not None else None
+            if c is not None and c.correct and len(c.strategies) == 1:
+                seen |= c.strategies
+        coverages.append(min(len(seen), target) / target)
+    return sum(coverages) / len(coverages), sum(c == 1.0 for c in coverages) / len(coverages)
 
 
 # ----------------------------------------------------------------------------------------------

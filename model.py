@@ -166,14 +166,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None,
-                 latent=None, latent_pos=None, use_cache=True):
+                 latent=None, latent_pos=None, use_cache=True, return_logits=False):
         """
         Sample continuations of prompts of different lengths in one batch.
 
         prompts: list of B lists of ids. Rows are left-padded; each row gets positions 0.. from
         its first real token, and pad keys are masked out. A row stops at eos_id; the loop ends
         once every row has. temperature 0 is greedy. latent (B, dz) is added at latent_pos (B,),
-        an index into each unpadded prompt. Returns B lists of new ids (up to and with eos).
+        an index into each unpadded prompt. Returns B lists of new ids (up to and with eos), and
+        with return_logits also the logits each step sampled from, (B, steps, V).
         """
         device = self.tok_emb.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -202,11 +203,14 @@ class GPT(nn.Module):
                           attn_mask=visible[:, :, :P, :P], caches=caches)[:, -1]
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        seen_logits = []
         for t in range(max_new_tokens):
             T = P + t
             if not use_cache:  # reference path: recompute the whole sequence every step
                 logits = self(idx, latent, latent_pos, positions=positions[:, :T],
                               attn_mask=visible[:, :, :T, :T])[:, -1]
+            if return_logits:
+                seen_logits.append(logits)
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -224,7 +228,7 @@ class GPT(nn.Module):
         rows = []
         for row in out.tolist():
             rows.append(row[:row.index(eos_id) + 1] if eos_id in row else [t for t in row if t != pad_id])
-        return rows
+        return (rows, torch.stack(seen_logits, dim=1)) if return_logits else rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,12 +69,14 @@ class Config:
     grad_clip: float = arg(1.0, "gradient-norm clip")
     eval_interval: int = arg(500, "steps between evaluations, checkpoints and probe snapshots")
     eval_inputs: int = arg(500, "held-out inputs sampled per evaluation")
+    probe_inputs: int = arg(1200, "held-out DGP samples for each probe snapshot (2/3 train the probes)")
     log_interval: int = arg(50, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     bf16: bool = arg(False, "bf16 autocast (CUDA only)")
 
     def validate(self):
-        for name in ("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs", "log_interval"):
+        for name in ("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs", "probe_inputs",
+                     "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.steps < 0 or self.warmup < 0 or self.lr <= 0:
@@ -208,7 +210,7 @@ def main(argv=None):
 
     def evaluate_and_snapshot(step):
         metrics = base_metrics(model, task, cfg.eval_inputs, cfg.seed)
-        probes = probe_grid(model, task, seed=cfg.seed)
+        probes = probe_grid(model, task, n=cfg.probe_inputs, seed=cfg.seed)
         metrics["probe_first_position_95"] = first_decodable_position(probes["acc"])
         save_probe_snapshot(os.path.join(out, "probes.npz"), step, probes)
         model.train()

@@ -1,0 +1,608 @@
+"""
+Stage 2: factorize the entangled base model into a router and a strategy-conditioned generator.
+
+    discrete:    p(y|x) = sum_z  p_psi(y|x,z) p_phi(z|x),      z in {<z1> .. <zK>}
+    continuous:  p(y|x) = int dz p_psi(y|x,z) p_phi(z|x),      z in R^dz
+
+One causal LM, initialised from the base model, is both the router and the generator:
+
+    router     <bos> <x> .. </x> <z>                   next token, restricted to <z1>..<zK>
+               (continuous: N(mu_phi(x), sigma_phi(x)^2) from a head on the hidden state at <z>)
+    generator  <bos> <x> .. </x> <z> <zk> </z> <y> .. </y> <eos>
+               (continuous: <z_empty> in the slot, plus E(z) added to its embedding)
+
+A separate backbone, also initialised from the base model, reads the whole (x, y) record and a
+pooling head (mean over y positions) gives the posterior q_xi(z|x,y): K logits, or (mu, log var).
+
+Training maximises the conditional ELBO on pairs x ~ task, y ~ p_base(y|x) (or the true mixture
+with --data dgp). The loss, one named function per term:
+
+    J = R + beta K + aux                                                          (total_loss)
+    R  = -E_q[log p_psi(y|x,z)]                                                   (recon_loss)
+         discrete: exactly sum_k q(k|x,y) log p_psi(y|x,k), all K latents in one batched forward
+         continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi * eps_s), eps_s ~ N(0, I)
+    K  = KL(q_xi(z|x,y) || p_phi(z|x))                                            (kl_loss)
+         discrete: sum_k q_k (log q_k - log p_k); continuous: the Gaussian KL in closed form
+    aux, each behind its flag with a weight:
+      --token-weighted       R with per-token weights w_t from the z-free base model's entropy
+                             (mean 1 per record), so strategy-deciding tokens count most
+      --normalized-recon     R / R_base, R_base = -log p_base(y|x) (same weights): restores the
+                             recon-to-KL balance when the initialiser already reconstructs well
+      --posterior-entropy    + w H(q(z|x,y))                         (discrete; sharper posteriors)
+      --router-support       + w (-log sum_k p_full(<zk>|x))         (discrete; router mass on latents)
+      --router-marginal-kl   + w KL(E_x p_phi(z|x) || Unif(K))       (discrete; no usage collapse)
+                             + w KL(N(mean mu, mean sigma^2 + var mu) || N(0, I))   (continuous)
+      --jsd                  - w JSD_t(p_psi(y_t|x,y_<t,z=1..K))      (discrete; latents differ)
+      --posterior-variance   + w mean_d sigma_xi,d^2                  (continuous; tight posteriors)
+    additions beyond the method: a beta schedule (constant, linear warm-up, cyclical) and free
+    bits (the KL term is max(K, free_bits) on the batch mean).
+
+    python disentangle.py --task grid --latent discrete       # CPU, about 15 minutes
+    python disentangle.py --latent continuous --device cuda   # grid, on a GPU
+    python disentangle.py --task sort --k 8                   # more latents than strategies
+
+Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json, log.jsonl,
+metrics.json, posterior.npz (snapshots of the posterior over training, for the figures).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from evaluate import (alignment_one_to_one, best_matching, contingency, dgp_samples, generate_ys,
+                      generation_metrics, heldout_inputs, local_coverage, train_probes)
+from model import (arg, autocast, configure_optimizer, load_checkpoint, model_from_checkpoint, pad_batch,
+                   parse_config, pick_device, run_main, save_checkpoint, seed_everything, token_log_probs,
+                   router_log_probs)
+from tasks import PAD, STOI, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    task: str = arg("grid", "task name or alias: sum sort grid linear base add")
+    latent: str = arg("discrete", "discrete (tokens <z1>..<zK>) or continuous (a vector at <z_empty>)")
+    k: int = arg(0, "discrete latents K (0: the task's number of strategies)")
+    dz: int = arg(8, "continuous latent dimension")
+    base: str = arg("", "base run folder (default runs/<task>/base)")
+    out: str = arg("", "run folder (default runs/<task>/<latent>)")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    seed: int = arg(0, "seed for initialisation, data and evaluation")
+    data: str = arg("model", "where y comes from: model (sampled from the base) or dgp (the true mixture)")
+    steps: int = arg(600, "optimisation steps")
+    batch_size: int = arg(32, "(x, y) pairs per step")
+    lr: float = arg(5e-4, "AdamW learning rate (constant after warm-up)")
+    warmup: int = arg(50, "learning-rate warm-up steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = arg(1.0, "gradient-norm clip")
+    samples: int = arg(4, "continuous: reparameterised samples S per pair")
+    beta: float = arg(1.0, "weight of KL(q || p_phi)")
+    beta_schedule: str = arg("constant", "constant, linear (0 -> beta over --beta-warmup) or cyclical")
+    beta_warmup: int = arg(200, "steps of the linear ramp, or the cycle length of the cyclical schedule")
+    free_bits: float = arg(0.0, "the KL term is max(KL, free_bits) on the batch mean (0: off)")
+    token_weighted: bool = arg(False, "weight recon tokens by the base model's predictive entropy")
+    normalized_recon: bool = arg(False, "divide recon by the base model's loss on the same y")
+    posterior_entropy: float = arg(0.0, "discrete: weight of H(q(z|x,y))")
+    router_support: float = arg(0.0, "discrete: weight of -log p(latent tokens | router prompt)")
+    router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
+    jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
+    posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
+    eval_interval: int = arg(100, "steps between evaluations, checkpoints and posterior snapshots")
+    eval_inputs: int = arg(200, "held-out inputs per evaluation")
+    log_interval: int = arg(10, "steps between log lines")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    bf16: bool = arg(False, "bf16 autocast (CUDA only)")
+
+    def validate(self, n_strategies):
+        if self.latent not in ("discrete", "continuous"):
+            raise ValueError(f"--latent must be discrete or continuous, got {self.latent!r}")
+        if self.data not in ("model", "dgp"):
+            raise ValueError(f"--data must be model or dgp, got {self.data!r}")
+        if self.beta_schedule not in ("constant", "linear", "cyclical"):
+            raise ValueError(f"--beta-schedule must be constant, linear or cyclical, got {self.beta_schedule!r}")
+        if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
+            raise ValueError(f"--k must be between 2 and {MAX_LATENTS}, got {self.k}")
+        for name in ("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("beta", "free_bits", "posterior_entropy", "router_support", "router_marginal_kl", "jsd",
+                     "posterior_variance", "lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The factorization: shared router/generator LM, posterior backbone with a pooling head
+
+
+class Factorization(nn.Module):
+    """
+    lm:          router p_phi(z|x) and generator p_psi(y|x,z), one causal LM from the base
+    posterior:   a second copy of the base backbone; post_head maps the mean y-state to
+                 K logits (discrete) or (mu, log sigma^2) (continuous)
+    router_head: continuous only, (mu, log sigma^2) of p_phi(z|x) from the LM's state at <z>
+    """
+
+    def __init__(self, base_ckpt, latent, K, dz, path):
+        super().__init__()
+        self.latent, self.K, self.dz = latent, K, dz
+        extra = {"latent_dim": dz} if latent == "continuous" else {}
+        self.lm = model_from_checkpoint(base_ckpt, path, **extra)
+        self.posterior = model_from_checkpoint(base_ckpt, path)
+        self.config = self.lm.config  # saved with checkpoints
+        d = self.lm.config.n_embd
+        out = K if latent == "discrete" else 2 * dz
+        self.post_head = nn.Linear(d, out)
+        nn.init.normal_(self.post_head.weight, std=0.02)
+        nn.init.zeros_(self.post_head.bias)
+        if latent == "continuous":
+            self.router_head = nn.Linear(d, 2 * dz)
+            nn.init.zeros_(self.router_head.weight)  # p_phi starts at N(0, I) for every x
+            nn.init.zeros_(self.router_head.bias)
+        else:
+            self.router_head = None
+            # each <zk> starts as the base model's no-op <z_empty> plus a little noise, so every
+            # latent reproduces the base model at step 0 and the noise breaks their symmetry
+            with torch.no_grad():
+                emb = self.lm.tok_emb.weight
+                g = torch.Generator().manual_seed(0)
+                noise = torch.randn(K, emb.shape[1], generator=g) * 0.1 * emb[STOI["<z_empty>"]].std()
+                emb[[STOI[t] for t in LATENT_TOKENS[:K]]] = emb[STOI["<z_empty>"]] + noise.to(emb.device)
+
+    def posterior_params(self, idx, y_mask):
+        """Pool the posterior backbone's final states over y positions -> head output (B, out)."""
+        _, hidden = self.posterior(idx, return_hidden=True)
+        h = self.posterior.ln_f(hidden[:, -1])  # (B, T, d)
+        w = y_mask.float() / y_mask.sum(1, keepdim=True)  # (B, T)
+        return self.post_head((h * w.unsqueeze(-1)).sum(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# A batch of (x, y) pairs as tensors
+
+SLOT_OFFSET = 4  # prompt = <bos> <x> x.. </x> <z> SLOT </z> <y>: <z> at len(x)+3, slot at len(x)+4
+
+
+def make_batch(task, pairs, K, device):
+    """
+    pairs: list of (x, y tokens). Returns a dict of tensors:
+      base_idx (B, T), base_mask (B, T-1): the record with <z_empty>, y targets marked
+      y_state_mask (B, T): positions whose state pools into the posterior (the y tokens)
+      gen_idx (B*K, T), gen_mask (B*K, T-1): row b*K+k has <zk> in the slot (discrete only)
+      route_pos (B,), slot_pos (B,)
+    """
+    x_tokens = [task.input_tokens(x) for x, _ in pairs]
+    records = [encode(record_tokens(xt, y)) for xt, (_, y) in zip(x_tokens, pairs)]
+    starts = [len(xt) + 7 for xt in x_tokens]  # first y token
+    base_idx, base_mask = pad_batch(records, PAD, starts, device)
+    T = base_idx.shape[1]
+    y_state_mask = torch.zeros(len(pairs), T, dtype=torch.bool, device=device)
+    y_state_mask[:, 1:] = base_mask
+    batch = {"base_idx": base_idx, "base_mask": base_mask, "y_state_mask": y_state_mask,
+             "route_pos": torch.tensor([len(xt) + 3 for xt in x_tokens], device=device),
+             "slot_pos": torch.tensor([len(xt) + SLOT_OFFSET for xt in x_tokens], device=device)}
+    if K:
+        gen_idx = base_idx.repeat_interleave(K, dim=0)  # (B*K, T)
+        latent_ids = torch.tensor([STOI[t] for t in LATENT_TOKENS[:K]], device=device).repeat(len(pairs))
+        gen_idx[torch.arange(len(gen_idx), device=device), batch["slot_pos"].repeat_interleave(K)] = latent_ids
+        batch["gen_idx"], batch["gen_mask"] = gen_idx, base_mask.repeat_interleave(K, dim=0)
+    return batch
+
+
+@torch.no_grad()
+def base_token_stats(base, batch, token_weighted):
+    """
+    The z-free base model on y: per-token log p_base (B, T-1) and recon weights w_t (B, T-1):
+    1 everywhere, or (with token_weighted) its predictive entropy, scaled to mean 1 per record.
+    """
+    logits = base(batch["base_idx"])
+    logp_tok = token_log_probs(logits, batch["base_idx"])
+    mask = batch["base_mask"].float()
+    if not token_weighted:
+        return logp_tok, mask
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1) * mask  # (B, T-1)
+    weights = entropy / entropy.sum(1, keepdim=True).clamp(min=1e-8) * mask.sum(1, keepdim=True)
+    return logp_tok, weights
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective: one function per term
+
+
+def recon_loss(q, gen_logp):
+    """R = -E_q[log p_psi(y|x,z)] = -sum_k q_k log p_psi(y|x,k) per pair: q (B, K), gen_logp (B, K)."""
+    return -(q * gen_logp).sum(-1)
+
+
+def categorical_kl(log_q, log_p):
+    """K = KL(q || p) = sum_k q_k (log q_k - log p_k) per pair: (B, K) -> (B,)."""
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
+    """K = KL(N(mu_q, s_q^2) || N(mu_p, s_p^2)) summed over dimensions, in closed form: (B, dz) -> (B,)."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
+
+
+def posterior_entropy_loss(log_q):
+    """H(q(z|x,y)) = -sum_k q_k log q_k per pair."""
+    return -(log_q.exp() * log_q).sum(-1)
+
+
+def router_support_loss(outside_mass):
+    """-log of the router's probability mass on the K latent tokens, per pair."""
+    return -torch.log1p(-outside_mass.clamp(max=1 - 1e-6))
+
+
+def router_marginal_kl_loss(router_log_p):
+    """KL(mean_x p_phi(z|x) || Unif(K)) = sum_k pbar_k log(K pbar_k), over the batch."""
+    p_bar = router_log_p.exp().mean(0)
+    return (p_bar * torch.log(p_bar.clamp(min=1e-12) * p_bar.numel())).sum()
+
+
+def gaussian_marginal_kl_loss(mu, logvar):
+    """KL(N(mean mu, mean sigma^2 + var mu) || N(0, I)): batch-mean router moments against the prior."""
+    m = mu.mean(0)
+    v = logvar.exp().mean(0) + mu.var(0, unbiased=False)
+    return 0.5 * (v + m ** 2 - 1 - v.log()).sum()
+
+
+def jsd_loss(gen_logits, gen_mask, K):
+    """
+    Inter-latent token-level Jensen-Shannon divergence, per pair: at each y position t,
+    JSD_t = H(mean_k p_k) - mean_k H(p_k) with p_k = p_psi(. | x, y_<t, z=k); averaged over t.
+    """
+    logp = F.log_softmax(gen_logits[:, :-1].float(), dim=-1)  # (B*K, T-1, V)
+    B = logp.shape[0] // K
+    logp = logp.view(B, K, *logp.shape[1:])  # (B, K, T-1, V)
+    log_mix = torch.logsumexp(logp, dim=1) - math.log(K)  # (B, T-1, V)
+    h_mix = -(log_mix.exp() * log_mix).sum(-1)
+    h_each = -(logp.exp() * logp).sum(-1).mean(1)
+    mask = gen_mask.view(B, K, -1)[:, 0].float()
+    return ((h_mix - h_each) * mask).sum(-1) / mask.sum(-1)
+
+
+def beta_at(step, cfg):
+    """constant; linear 0 -> beta over beta_warmup; cyclical: ramp over the first half of each cycle."""
+    if cfg.beta_schedule == "linear":
+        return cfg.beta * min(1.0, step / max(1, cfg.beta_warmup))
+    if cfg.beta_schedule == "cyclical":
+        return cfg.beta * min(1.0, 2 * (step % cfg.beta_warmup) / cfg.beta_warmup)
+    return cfg.beta
+
+
+def objective(fact, base, batch, cfg, beta):
+    """
+    The loss J = recon + beta * kl + aux for one batch, and a dict of every term (raw and
+    weighted) for logging. Discrete latents are enumerated exactly; continuous ones sampled.
+    """
+    base_logp, weights = base_token_stats(base, batch, cfg.token_weighted)  # (B, T-1) each
+    base_recon = -(base_logp * weights).sum(-1)  # (B,) the z-free baseline's (weighted) y-loss
+    B = base_logp.shape[0]
+    logs, aux = {}, {}
+
+    if cfg.latent == "discrete":
+        K = fact.K
+        gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
+        tok = token_log_probs(gen_logits, batch["gen_idx"]).view(B, K, -1)  # (B, K, T-1)
+        gen_logp_raw = (tok * batch["gen_mask"].view(B, K, -1)).sum(-1)  # (B, K) log p_psi(y|x,k)
+        gen_logp = (tok * weights[:, None]).sum(-1)  # (B, K) with recon weights
+        route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
+        latent_ids = [STOI[t] for t in LATENT_TOKENS[:K]]
+        router_logp, outside = router_log_probs(route_logits, latent_ids)  # (B, K), (B,)
+        log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float(), -1)
+        q = log_q.exp()
+        recon = recon_loss(q, gen_logp)
+        raw_recon = recon_loss(q, gen_logp_raw)
+        kl = categorical_kl(log_q, router_logp)
+        if cfg.posterior_entropy:
+            aux["aux/posterior_entropy"] = cfg.posterior_entropy * posterior_entropy_loss(log_q).mean()
+        if cfg.router_support:
+            aux["aux/router_support"] = cfg.router_support * router_support_loss(outside).mean()
+        if cfg.router_marginal_kl:
+            aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * router_marginal_kl_loss(router_logp)
+        if cfg.jsd:
+            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, batch["gen_mask"], K).mean()
+        log_marginal = torch.logsumexp(router_logp + gen_logp_raw, dim=-1)  # exact log p(y|x)
+        elbo = -(raw_recon + kl)
+        logs.update({"diag/log_marginal": log_marginal.mean().item(),
+                     "diag/elbo_gap": (log_marginal - elbo).mean().item(),
+                     "diag/router_outside_mass": outside.mean().item(),
+                     **{f"usage/router_z{k + 1}": v for k, v in enumerate(router_logp.exp().mean(0).tolist())},
+                     **{f"usage/posterior_z{k + 1}": v for k, v in enumerate(q.mean(0).tolist())}})
+    else:
+        S = cfg.samples
+        post = fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float()
+        mu_q, logvar_q = post.chunk(2, dim=-1)  # (B, dz) each
+        eps = torch.randn(S, *mu_q.shape, device=mu_q.device)
+        z = (mu_q + (0.5 * logvar_q).exp() * eps).transpose(0, 1).reshape(B * S, -1)  # (B*S, dz), reparameterised
+        gen_idx = batch["base_idx"].repeat_interleave(S, dim=0)  # (B*S, T)
+        logits, hidden = fact.lm(gen_idx, latent=z, latent_pos=batch["slot_pos"].repeat_interleave(S),
+                                 return_hidden=True)
+        tok = token_log_probs(logits, gen_idx).view(B, S, -1)  # (B, S, T-1)
+        gen_logp = (tok * weights[:, None]).sum(-1).mean(1)  # (B,) (1/S) sum_s log p_psi(y|x,z_s)
+        gen_logp_raw = (tok * batch["base_mask"][:, None]).sum(-1).mean(1)
+        route_state = fact.lm.ln_f(hidden[::S, -1][torch.arange(B), batch["route_pos"]])  # (B, d), state at <z>
+        mu_p, logvar_p = fact.router_head(route_state).float().chunk(2, dim=-1)
+        recon, raw_recon = -gen_logp, -gen_logp_raw
+        kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
+        if cfg.posterior_variance:
+            aux["aux/posterior_variance"] = cfg.posterior_variance * logvar_q.exp().mean()
+        if cfg.router_marginal_kl:
+            aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * gaussian_marginal_kl_loss(mu_p, logvar_p)
+        logs.update({"diag/posterior_var": logvar_q.exp().mean().item(),
+                     "diag/router_var": logvar_p.exp().mean().item(),
+                     "diag/elbo": -(raw_recon + kl).mean().item()})
+
+    if cfg.normalized_recon:
+        recon = recon / base_recon.clamp(min=1e-3)
+    recon_term, kl_mean = recon.mean(), kl.mean()
+    kl_term = beta * torch.clamp(kl_mean, min=cfg.free_bits) if cfg.free_bits else beta * kl_mean
+    total = recon_term + kl_term + sum(aux.values())  # J = R + beta K + aux
+    logs.update({"loss/total": total.item(), "loss/recon": recon_term.item(), "loss/recon_raw": raw_recon.mean().item(),
+                 "loss/recon_base": -(base_logp * batch["base_mask"]).sum(-1).mean().item(),
+                 "loss/kl": kl_mean.item(), "loss/kl_weighted": kl_term.item(), "beta": beta,
+                 **{k: v.item() for k, v in aux.items()}})
+    magnitude = abs(recon_term.item()) + abs(kl_term.item()) + sum(abs(v.item()) for v in aux.values())
+    for name, value in [("loss/recon", recon_term), ("loss/kl", kl_term), *aux.items()]:
+        logs["share/" + name.split("/")[1]] = abs(value.item()) / max(magnitude, 1e-12)
+    return total, logs
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: pairs (x, y) with y from the base model or from the true mixture
+
+
+def training_pairs(task, base, cfg, step, device):
+    """Batch `step`'s pairs: inputs from the training split, y ~ p_base(y|x) (or the DGP)."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    if cfg.data == "dgp":
+        return [(x, y) for x, _, y in (task.sample(rng, "train") for _ in range(cfg.batch_size))]
+    xs = [task.sample(rng, "train")[0] for _ in range(cfg.batch_size)]
+    ys = generate_ys(base, task, xs, temperature=1.0, seed=cfg.seed * 1_000_003 + step)
+    return [(x, y) for x, y in zip(xs, ys) if y is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: router-sampled generation, controlled latents, the posterior
+
+
+@torch.no_grad()
+def router_distribution(fact, task, xs):
+    """Discrete: p_phi(z|x) (N, K). Continuous: (mu, logvar) (N, dz) each."""
+    device = fact.lm.tok_emb.weight.device
+    pairs = [(x, []) for x in xs]
+    batch = make_batch(task, pairs, 0, device)
+    logits, hidden = fact.lm(batch["base_idx"], return_hidden=True)
+    rows = torch.arange(len(xs), device=device)
+    if fact.latent == "discrete":
+        latent_ids = [STOI[t] for t in LATENT_TOKENS[:fact.K]]
+        return router_log_probs(logits[rows, batch["route_pos"]], latent_ids)[0].exp().cpu()
+    state = fact.lm.ln_f(hidden[:, -1][rows, batch["route_pos"]])
+    return tuple(t.cpu() for t in fact.router_head(state).float().chunk(2, dim=-1))
+
+
+@torch.no_grad()
+def posterior_of(fact, task, pairs):
+    """q(z|x,y) for pairs: probabilities (N, K), or (mu, logvar) (N, dz) each."""
+    device = fact.lm.tok_emb.weight.device
+    out = []
+    for i in range(0, len(pairs), 256):
+        batch = make_batch(task, pairs[i:i + 256], 0, device)
+        out.append(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float().cpu())
+    out = torch.cat(out)
+    return F.softmax(out, -1) if fact.latent == "discrete" else tuple(out.chunk(2, dim=-1))
+
+
+def evaluate_factorization(fact, task, cfg, seed):
+    """Every stage-2 metric on held-out inputs, plus the snapshot arrays for the figures."""
+    fact.eval()
+    xs = heldout_inputs(task, cfg.eval_inputs, seed)
+    samples = [s for s in dgp_samples(task, xs, seed + 1) if len(task.check(s[0], s[2]).strategies) == 1]
+    labels = torch.tensor([task.strategies.index(s) for _, s, _ in samples])
+    gen = torch.Generator().manual_seed(seed)
+    metrics, snap = {}, {"strategy": labels.numpy()}
+    if fact.latent == "discrete":
+        K = fact.K
+        router_p = router_distribution(fact, task, xs)  # (N, K)
+        z_idx = torch.multinomial(router_p, 1, generator=gen).squeeze(1).tolist()
+        ys = generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k] for k in z_idx], seed=seed)
+        metrics.update({f"router/{k}": v for k, v in generation_metrics(task, xs, ys).items()})
+        # controlled latents: one greedy decode per latent value per input
+        ys_per_latent = [generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k]] * len(xs), temperature=0.0)
+                         for k in range(K)]
+        C = contingency(task, xs * K, sum(ys_per_latent, []), [k for k in range(K) for _ in xs], K)
+        metrics["alignment_one_to_one"] = alignment_one_to_one(C, total=K * len(xs))
+        metrics["local_strategy_coverage_mean"], metrics["local_strategy_full_coverage_rate"] = \
+            local_coverage(task, xs, ys_per_latent)
+        metrics["controlled_answer_accuracy"] = sum(
+            task.check(x, y).correct for ys in ys_per_latent for x, y in zip(xs, ys) if y is not None) / (K * len(xs))
+        metrics["contingency"] = C.tolist()
+        q = posterior_of(fact, task, [(x, y) for x, _, y in samples])  # (N, K)
+        q_argmax = q.argmax(-1)
+        Cq = torch.zeros(K, len(task.strategies))
+        Cq.index_put_((q_argmax, labels), torch.ones(len(labels)), accumulate=True)
+        metrics["posterior_accuracy"] = alignment_one_to_one(Cq)
+        metrics["router_usage"] = router_p.mean(0).tolist()
+        snap.update({"q": q.numpy(), "contingency": C.numpy(), "posterior_contingency": Cq.numpy()})
+    else:
+        mu_p, logvar_p = router_distribution(fact, task, xs)
+        z = mu_p + (0.5 * logvar_p).exp() * torch.randn(mu_p.shape, generator=gen)  # z ~ p_phi(z|x)
+        ys = generate_ys(fact.lm, task, xs, latent=z, seed=seed)
+        metrics.update({f"router/{k}": v for k, v in generation_metrics(task, xs, ys).items()})
+        sampled_labels = [task.check(x, y).strategies if y is not None else frozenset() for x, y in zip(xs, ys)]
+        keep = [i for i, s in enumerate(sampled_labels) if len(s) == 1]
+        z_labels = torch.tensor([task.strategies.index(next(iter(sampled_labels[i]))) for i in keep])
+        metrics["sampled_z_probe_acc"] = linear_probe_accuracy(z[keep], z_labels, len(task.strategies))
+        mu_q, logvar_q = posterior_of(fact, task, [(x, y) for x, _, y in samples])
+        metrics["posterior_mu_probe_acc"] = linear_probe_accuracy(mu_q, labels, len(task.strategies))
+        metrics["posterior_sampled_gap"] = metrics["posterior_mu_probe_acc"] - metrics["sampled_z_probe_acc"]
+        metrics.update(centroid_geometry(mu_q, labels, len(task.strategies)))
+        kl_dims = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p[:len(mu_q)]) ** 2)
+                         / logvar_p.exp() - 1).mean(0) if len(mu_q) == len(mu_p) else torch.zeros(fact.dz)
+        metrics["kl_per_dim"] = kl_dims.tolist()
+        metrics["active_units"] = int((mu_q.var(0) > 0.01).sum())
+        metrics.update(centroid_control(fact, task, xs, mu_q, labels))
+        snap.update({"mu": mu_q.numpy(), "z_sampled": z[keep].numpy(), "z_strategy": z_labels.numpy()})
+    fact.train()
+    return metrics, snap
+
+
+def linear_probe_accuracy(features, labels, n_classes, test_fraction=1 / 3):
+    """A logistic probe from features (N, d) to labels, trained and scored on disjoint halves."""
+    N = len(labels)
+    if N < 20:
+        return float("nan")
+    is_train = torch.arange(N) >= int(N * test_fraction)
+    valid = torch.ones(1, N, dtype=torch.bool)
+    return float(train_probes(features[None].float(), labels, valid, n_classes, is_train)[0])
+
+
+def centroid_geometry(mu, labels, n_classes):
+    """Mean pairwise distance of per-strategy centroids over the mean within-strategy spread."""
+    present = [c for c in range(n_classes) if (labels == c).sum() > 1]
+    centroids = torch.stack([mu[labels == c].mean(0) for c in present])
+    spread = torch.stack([(mu[labels == c] - centroids[i]).norm(dim=-1).mean() for i, c in enumerate(present)])
+    dists = torch.pdist(centroids) if len(present) > 1 else torch.zeros(1)
+    return {"centroid_distance": float(dists.mean() / spread.mean().clamp(min=1e-8)),
+            "within_strategy_spread": float(spread.mean()), "centroid_pairwise_distance": float(dists.mean())}
+
+
+def centroid_control(fact, task, xs, mu, labels):
+    """Decode from each strategy's posterior centroid: the share of inputs that follow that strategy."""
+    shares = {}
+    for c, s in enumerate(task.strategies):
+        if (labels == c).sum() == 0:
+            continue
+        z = mu[labels == c].mean(0).expand(len(xs), -1)
+        ys = generate_ys(fact.lm, task, xs, latent=z, temperature=0.0)
+        shares[s] = sum(y is not None and s in task.check(x, y).strategies for x, y in zip(xs, ys)) / len(xs)
+    return {"centroid_control": shares, "centroid_control_mean": sum(shares.values()) / max(1, len(shares))}
+
+
+def save_snapshot(path, step, snap):
+    """Append one evaluation's arrays to an .npz, one key per (array, step): 'q@300'."""
+    data = dict(np.load(path)) if os.path.exists(path) else {}
+    data = {k: v for k, v in data.items() if "@" not in k or int(k.split("@")[1]) < step}
+    data.update({f"{k}@{step}": v for k, v in snap.items()})
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    task_name = get_task(cfg.task).name
+    base_dir = cfg.base or os.path.join("runs", task_name, "base")
+    base_path = os.path.join(base_dir, "ckpt.pt")
+    base_ckpt = load_checkpoint(base_path, vocab=VOCAB, task=task_name)
+    task = get_task(task_name, **base_ckpt.get("task_options", {}))
+    cfg.validate(len(task.strategies))
+    K = (cfg.k or len(task.strategies)) if cfg.latent == "discrete" else 0
+    out = cfg.out or os.path.join("runs", task_name, cfg.latent)
+    device = pick_device(cfg.device)
+    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    seed_everything(cfg.seed)
+
+    base = model_from_checkpoint(base_ckpt, base_path).to(device).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path).to(device)
+    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    start_step = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task_name)
+        saved = {k: v for k, v in ckpt["train_config"].items() if k not in ("resume", "device", "steps")}
+        now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "steps")}
+        if saved != now:
+            raise ValueError(f"--resume with settings that differ from the saved run: "
+                             f"{sorted(k for k in now if saved.get(k) != now[k])}")
+        fact.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        torch.set_rng_state(ckpt["torch_rng"])
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**asdict(cfg), "k": K, "base": base_dir}, f, indent=2)
+    log = open(log_path, "a")
+
+    def evaluate_and_snapshot(step):
+        metrics, snap = evaluate_factorization(fact, task, cfg, cfg.seed)
+        save_snapshot(os.path.join(out, "posterior.npz"), step, snap)
+        log.write(json.dumps({"step": step, **metrics}) + "\n")
+        log.flush()
+        return metrics
+
+    if start_step == 0:
+        # the factorization must start where the base model is: y-loss per latent vs the base
+        pairs = training_pairs(task, base, cfg, -1, device)
+        batch = make_batch(task, pairs, K, device)
+        with torch.no_grad():
+            base_loss = -(token_log_probs(base(batch["base_idx"]), batch["base_idx"]) * batch["base_mask"]).sum()
+            if K:
+                gen = token_log_probs(fact.lm(batch["gen_idx"]), batch["gen_idx"]) * batch["gen_mask"]
+                per_latent = -gen.view(len(pairs), K, -1).sum((0, 2))
+            else:
+                z = torch.randn(len(pairs), cfg.dz, device=device)
+                per_latent = -(token_log_probs(fact.lm(batch["base_idx"], latent=z, latent_pos=batch["slot_pos"]),
+                                               batch["base_idx"]) * batch["base_mask"]).sum()[None]
+        ratio = (per_latent / base_loss).tolist()
+        tqdm.write(f"step 0: y-loss per latent / base y-loss = {[round(r, 4) for r in ratio]}")
+        log.write(json.dumps({"step": 0, "init/y_loss_ratio": ratio}) + "\n")
+        metrics = evaluate_and_snapshot(0)
+
+    fact.train()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               desc=f"{cfg.latent} {task.alias}", disable=None)
+    t0, metrics = time.perf_counter(), {}
+    for step in bar:
+        pairs = training_pairs(task, base, cfg, step, device)
+        batch = make_batch(task, pairs, K, device)
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, cfg.bf16):
+            loss, logs = objective(fact, base, batch, cfg, beta_at(step, cfg))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fact.parameters(), cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            bar.set_postfix(loss=f"{logs['loss/total']:.3f}", kl=f"{logs['loss/kl']:.3f}")
+            log.write(json.dumps({"step": done, "lr": lr, **logs}) + "\n")
+            log.flush()
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            metrics = evaluate_and_snapshot(done)
+            save_checkpoint(ckpt_path, fact, VOCAB, task_name, optimizer=optimizer.state_dict(),
+                            train_config=asdict(cfg), step=done, torch_rng=torch.get_rng_state())
+            summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            tqdm.write(f"step {done}: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+    if metrics:
+        metrics["train_seconds"] = time.perf_counter() - t0
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,97 @@
+"""evaluate.py: metrics exact on hand-built cases, probes separate what is separable."""
+
+import math
+
+import pytest
+import torch
+
+from evaluate import (alignment_one_to_one, best_matching, dgp_samples, excess_nll, generation_metrics,
+                      heldout_inputs, local_coverage, strategy_tv_per_input, train_probes, tv_distance)
+from model import GPT, GPTConfig
+from tasks import VOCAB, get_task
+
+
+def uniform_model():
+    """All weights zero: every next-token distribution is uniform over the vocabulary."""
+    model = GPT(GPTConfig(vocab_size=len(VOCAB), n_layer=1, n_head=1, n_embd=8))
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    return model
+
+
+def test_strategy_tv_hand_built():
+    """
+    Four grid inputs, p* uniform over 3 strategies. Generated: right-first twice, down-first
+    once, one garbage y. Frequencies (1/2, 1/4, 0, none 1/4) against (1/3, 1/3, 1/3, 0):
+    TV = (1/6 + 1/12 + 1/3 + 1/4) / 2 = 5/12.
+    """
+    task = get_task("grid")
+    xs = [(0, 0, 2, 2), (1, 1, 3, 4), (2, 0, 5, 3), (0, 3, 4, 6)]
+    ys = [task.trace(xs[0], "right-first"), task.trace(xs[1], "right-first"),
+          task.trace(xs[2], "down-first"), ["R", "ans", "R"]]
+    m = generation_metrics(task, xs, ys)
+    assert math.isclose(m["strategy_tv"], 5 / 12)
+    assert m["parse_rate"] == 1.0 and m["answer_accuracy"] == 0.75 and m["unattributed_rate"] == 0.25
+
+
+def test_excess_nll_hand_built():
+    """
+    A uniform model gives log p(y|x) = -(len(y) + 2) log V (y, </y>, <eos>); every grid trace has
+    log p*(y|x) = log 1/3. So excess_nll = mean(len(y) + 2) log V - log 3.
+    """
+    task = get_task("grid")
+    samples = dgp_samples(task, heldout_inputs(task, 20, seed=0), seed=1)
+    expected = sum(len(y) + 2 for _, _, y in samples) / len(samples) * math.log(len(VOCAB)) - math.log(3)
+    assert math.isclose(excess_nll(uniform_model(), task, samples), expected, rel_tol=1e-5)
+
+
+def test_strategy_tv_per_input_of_a_uniform_model_is_one():
+    """Mass on the traces is ~V^-len, so TV = 1/2 sum_s p*(s) + 1/2 (1 - 0) = 1."""
+    task = get_task("sum")
+    assert math.isclose(strategy_tv_per_input(uniform_model(), task, heldout_inputs(task, 10, 0)), 1.0,
+                        abs_tol=1e-6)
+
+
+def test_tv_distance():
+    assert tv_distance({"a": 1.0}, {"b": 1.0}) == 1.0
+    assert math.isclose(tv_distance({"a": 0.5, "b": 0.5}, {"a": 0.25, "b": 0.75}), 0.25)
+
+
+@pytest.mark.parametrize("C, expected, mapping", [
+    # square: the diagonal after a permutation; (5 + 4 + 6) / 17
+    ([[0, 5, 1], [4, 0, 0], [1, 0, 6]], 15 / 17, {0: 1, 1: 0, 2: 2}),
+    # K > S: two latents cannot share a strategy; best is z1->s0 (4), z0->s1 (5): 9 / 16
+    ([[0, 5], [4, 0], [1, 0], [3, 3]], 9 / 16, {1: 0, 0: 1}),
+    # S > K: one latent per strategy at most
+    ([[2, 7, 1], [6, 5, 0]], 13 / 21, {0: 1, 1: 0}),
+])
+def test_alignment_one_to_one_exact(C, expected, mapping):
+    C = torch.tensor(C, dtype=torch.float)
+    assert math.isclose(alignment_one_to_one(C), expected)
+    assert best_matching(C)[0] == mapping
+
+
+def test_local_coverage_hand_built():
+    """Input 0: latents give right-first, down-first, alternating (3/3); input 1: twice right-first and garbage (1/3)."""
+    task = get_task("grid")
+    xs = [(0, 0, 2, 2), (1, 1, 3, 4)]
+    ys_per_latent = [[task.trace(xs[0], "right-first"), task.trace(xs[1], "right-first")],
+                     [task.trace(xs[0], "down-first"), task.trace(xs[1], "right-first")],
+                     [task.trace(xs[0], "alternating"), None]]
+    mean, full = local_coverage(task, xs, ys_per_latent)
+    assert math.isclose(mean, (1 + 1 / 3) / 2) and full == 0.5
+
+
+def test_probes_separable_and_shuffled():
+    """Class c has mean 6 e_c in 16-d: a probe scores ~1; with shuffled labels, ~chance (1/3)."""
+    g = torch.Generator().manual_seed(0)
+    N, d = 600, 16
+    labels = torch.randint(0, 3, (N,), generator=g)
+    feats = torch.randn(N, d, generator=g) + 6 * torch.nn.functional.one_hot(labels, d).float()
+    is_train = torch.arange(N) >= N // 3
+    valid = torch.ones(2, N, dtype=torch.bool)
+    shuffled = labels[torch.randperm(N, generator=g)]  # labels no longer depend on the features
+    acc = train_probes(torch.stack([feats, feats]), labels, valid, 3, is_train)
+    acc_shuffled = train_probes(feats[None], shuffled, valid[:1], 3, is_train)
+    assert (acc > 0.99).all()
+    assert abs(float(acc_shuffled[0]) - 1 / 3) < 0.1

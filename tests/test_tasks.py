@@ -1,0 +1,138 @@
+"""tasks.py: traces are real executions with the right answers, validation and likelihood are exact."""
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+
+from tasks import ALIASES, TASKS, VOCAB, Task, decode, encode, get_task, record_tokens
+
+N_INPUTS = 2000
+
+
+def independent_answer_ok(name, x, answer):
+    """The final answer checked with Python's own tools, never with the task's solver."""
+    if name == "list_summation":
+        return answer == sum(x)
+    if name == "sorting_algorithms":
+        return answer == sorted(x)
+    if name == "grid_pathfinding":
+        r, c = x[0], x[1]
+        for move in answer:
+            r, c = (r + 1, c) if move == "D" else (r, c + 1)
+        return (r, c) == (x[2], x[3]) and len(answer) == (x[2] - x[0]) + (x[3] - x[1])
+    if name == "linear_equation_solving":
+        a, b, c, d = x
+        v = Fraction(d - b, a - c)
+        return v.denominator == 1 and answer == v and a * answer + b == c * answer + d
+    if name == "base_conversion":
+        n, source, target = x
+        source_digits = task_digits_from_tokens(get_task("base").input_tokens(x))
+        return int(source_digits, source) == n and int(answer, target) == n
+    if name == "multidigit_addition":
+        return answer == x[0] + x[1]
+    raise AssertionError(name)
+
+
+def task_digits_from_tokens(tokens):
+    return "".join(tokens[:tokens.index("base")])
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_trace_parses_is_correct_and_attributed(name):
+    task, rng = get_task(name), random.Random(1)
+    for _ in range(N_INPUTS):
+        x = task.sample_input(rng)
+        traces = task.traces(x)
+        for s, y in traces.items():
+            check = task.check(x, y)
+            assert check.parsed and check.correct, (name, s, x, y)
+            same = {t for t, other in traces.items() if other == y}
+            assert check.strategies == same and s in check.strategies
+            assert independent_answer_ok(name, x, task.parse_answer(y)), (name, s, x, y)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_one_token_corruption_is_never_a_correct_trace_of_that_strategy(name):
+    task, rng = get_task(name), random.Random(2)
+    vocab = [t for t in VOCAB if not t.startswith("<")]
+    for _ in range(300):
+        x = task.sample_input(rng)
+        s = rng.choice(task.strategies)
+        y = task.trace(x, s)
+        i = rng.randrange(len(y))
+        corrupted = list(y)
+        corrupted[i] = rng.choice([t for t in vocab if t != y[i]])
+        check = task.check(x, corrupted)
+        assert not (check.correct and s in check.strategies)
+
+
+@pytest.mark.parametrize("mixture", ["uniform", "input-dependent"])
+@pytest.mark.parametrize("name", list(TASKS))
+def test_log_prob_is_a_distribution_over_traces(name, mixture):
+    task, rng = get_task(name, mixture=mixture), random.Random(3)
+    for _ in range(200):
+        x = task.sample_input(rng)
+        distinct = {tuple(t) for t in task.traces(x).values()}
+        assert math.isclose(sum(math.exp(task.log_prob(x, list(t))) for t in distinct), 1.0, rel_tol=1e-9)
+        assert task.log_prob(x, ["ans", "1"]) == -math.inf
+        probs = task.strategy_probs(x)
+        assert math.isclose(sum(probs.values()), 1.0)
+        if mixture == "input-dependent":  # the favoured strategy is a visible function of x
+            assert probs[task.strategies[task.feature(x)]] == 0.7
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_validators_never_raise_on_garbage(name):
+    task, rng = get_task(name), random.Random(4)
+    for _ in range(10_000):
+        x = task.sample_input(rng)
+        y = [rng.choice(VOCAB) for _ in range(rng.randrange(0, 12))]
+        if rng.random() < 0.5:  # garbage that does end in an 'ans' section
+            y += ["ans"] + [rng.choice(VOCAB) for _ in range(rng.randrange(0, 4))]
+        check = task.check(x, y)
+        assert isinstance(check.parsed, bool) and isinstance(check.correct, bool)
+        task.parse_answer(y)
+        task.log_prob(x, y)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_records_fit_and_strategies_differ(name):
+    task, rng = get_task(name), random.Random(5)
+    ambiguous = 0
+    for _ in range(N_INPUTS):
+        x = task.sample_input(rng)
+        traces = list(task.traces(x).values())
+        assert max(len(record_tokens(task.input_tokens(x), t)) for t in traces) <= 131  # 128 + the z slot
+        ambiguous += len({tuple(t) for t in traces}) < len(traces)
+    assert ambiguous / N_INPUTS < 0.05
+
+
+def test_worked_example_grid():
+    """From (1, 2) to (3, 4): two moves right and two down under each strategy."""
+    task = get_task("grid")
+    assert " ".join(task.trace((1, 2, 3, 4), "alternating")) == "R 1 3 ; D 2 3 ; R 2 4 ; D 3 4 ; ans R D R D"
+    assert task.parse_answer(task.trace((1, 2, 3, 4), "down-first")) == ["D", "D", "R", "R"]
+
+
+def test_worked_example_sorting_states_are_real():
+    """Bubble sort on 3 1 4 0 2 5: pass 1 bubbles 4 past 0 and 2, giving 1 3 0 2 4 5."""
+    y = get_task("sort").trace([3, 1, 4, 0, 2, 5], "bubble-sort")
+    assert y[:6] == ["1", "3", "0", "2", "4", "5"]
+
+
+def test_encode_decode_round_trip_and_errors():
+    tokens = record_tokens(["3", "+", "4"], ["3", "+", "4", "=", "7", ";", "ans", "7"])
+    assert decode(encode(tokens)) == tokens
+    with pytest.raises(ValueError, match="unknown token"):
+        encode(["banana"])
+
+
+def test_get_task_aliases_and_unknown_name():
+    for alias, name in ALIASES.items():
+        assert get_task(alias).name == name and isinstance(get_task(name), Task)
+    with pytest.raises(ValueError) as e:
+        get_task("chess")
+    for name, cls in TASKS.items():
+        assert name in str(e.value) and cls.alias in str(e.value)

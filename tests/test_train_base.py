@@ -1,0 +1,82 @@
+"""train_base.py: a short run learns, --resume is exact, user errors are one clear line."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_base
+from model import load_checkpoint, model_from_checkpoint, pad_batch, token_log_probs
+from tasks import PAD, VOCAB, encode, get_task, record_tokens
+
+TINY = ["--task", "grid", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
+        "--eval-inputs", "16", "--probe-inputs", "60", "--log-interval", "5", "--device", "cpu"]
+
+
+def run_tiny(out, steps, *extra):
+    return train_base.main(TINY + ["--out", str(out), "--steps", str(steps), "--eval-interval", "10", *extra])
+
+
+def y_token_accuracy(model, task, n=64):
+    """Teacher-forced argmax accuracy on the y tokens of DGP records."""
+    import random
+    rng = random.Random(0)
+    records, starts = [], []
+    for _ in range(n):
+        x, _, y = task.sample(rng, "test")
+        records.append(encode(record_tokens(task.input_tokens(x), y)))
+        starts.append(len(task.input_tokens(x)) + 7)
+    idx, mask = pad_batch(records, PAD, starts)
+    with torch.no_grad():
+        hits = model(idx)[:, :-1].argmax(-1) == idx[:, 1:]
+    return float((hits & mask).sum() / mask.sum())
+
+
+def test_short_run_lowers_loss_and_beats_chance(tmp_path):
+    assert run_tiny(tmp_path, 60, "--lr", "3e-3") == 0
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    losses = [r["loss/y"] for r in log if "loss/y" in r]
+    assert losses[-1] < 0.6 * losses[0]
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path / "ckpt.pt"), vocab=VOCAB)).eval()
+    assert y_token_accuracy(model, get_task("grid")) > 5 / len(VOCAB)  # chance is 1/V
+    assert {"answer_accuracy", "strategy_tv", "excess_nll", "probe_first_position_95"} <= set(log[-1])
+    probes = __import__("numpy").load(tmp_path / "probes.npz")
+    assert list(probes["steps"]) == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
+    assert run_tiny(tmp_path / "straight", 20) == 0
+
+    batch = train_base.BatchStream.batch
+
+    def interrupted(self, step, device):
+        if step == 15:
+            raise KeyboardInterrupt
+        return batch(self, step, device)
+
+    monkeypatch.setattr(train_base.BatchStream, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(tmp_path / "resumed", 20)
+    monkeypatch.setattr(train_base.BatchStream, "batch", batch)
+    assert run_tiny(tmp_path / "resumed", 20, "--resume") == 0
+
+    a = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "resumed" / "ckpt.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "log.jsonl")]
+    assert steps == sorted(steps)  # the log has no lines from after the interruption twice
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "chess"], "unknown task 'chess'"),
+    (["--steps", "-3"], "must be >= 0"),
+    (["--batch-size", "many"], "invalid int value"),
+    (["--resume", "--out", "/nonexistent/run"], "no checkpoint there"),
+])
+def test_user_errors_are_one_clear_line(args, message):
+    result = subprocess.run([sys.executable, "train_base.py", *args], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
