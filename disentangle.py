@@ -24,8 +24,8 @@ with --data dgp). The loss, one named function per term:
     K  = KL(q_xi(z|x,y) || p_phi(z|x))                                            (kl_loss)
          discrete: sum_k q_k (log q_k - log p_k); continuous: the Gaussian KL in closed form
     aux, each behind its flag with a weight:
-      --token-weighted       R with per-token weights w_t from the z-free base model's entropy
-                             (mean 1 per record), so strategy-deciding tokens count most
+      --token-weighted       R with per-token weights w_t = (1 + H_t / mean H) / 2 from the z-free
+                             base model's entropy H_t, so strategy-deciding tokens count most
       --normalized-recon     R / R_base, R_base = -log p_base(y|x) (same weights): restores the
                              recon-to-KL balance when the initialiser already reconstructs well
       --posterior-entropy    + w H(q(z|x,y))                         (discrete; sharper posteriors)
@@ -158,7 +158,7 @@ class Factorization(nn.Module):
             with torch.no_grad():
                 emb = self.lm.tok_emb.weight
                 g = torch.Generator().manual_seed(0)
-                noise = torch.randn(K, emb.shape[1], generator=g) * 0.1 * emb[STOI["<z_empty>"]].std()
+                noise = torch.randn(K, emb.shape[1], generator=g) * emb[STOI["<z_empty>"]].std()
                 emb[[STOI[t] for t in LATENT_TOKENS[:K]]] = emb[STOI["<z_empty>"]] + noise.to(emb.device)
 
     def posterior_params(self, idx, y_mask):
@@ -205,7 +205,8 @@ def make_batch(task, pairs, K, device):
 def base_token_stats(base, batch, token_weighted):
     """
     The z-free base model on y: per-token log p_base (B, T-1) and recon weights w_t (B, T-1):
-    1 everywhere, or (with token_weighted) its predictive entropy, scaled to mean 1 per record.
+    1 everywhere, or (with token_weighted) w_t = (1 + H_t / mean_t H) / 2 with H_t the base
+    model's predictive entropy, so weights average 1 and peak where the strategy is decided.
     """
     logits = base(batch["base_idx"])
     logp_tok = token_log_probs(logits, batch["base_idx"])
@@ -214,8 +215,9 @@ def base_token_stats(base, batch, token_weighted):
         return logp_tok, mask
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1) * mask  # (B, T-1)
-    weights = entropy / entropy.sum(1, keepdim=True).clamp(min=1e-8) * mask.sum(1, keepdim=True)
-    return logp_tok, weights
+    mean_entropy = entropy.sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+    # half the weight spread evenly (so deterministic tokens stay learned), half by entropy
+    return logp_tok, 0.5 * (mask + entropy / mean_entropy.clamp(min=1e-8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +286,46 @@ def beta_at(step, cfg):
     return cfg.beta
 
 
+def discrete_pass(fact, batch, weights):
+    """
+    All K latents in one batched forward. Returns gen_logits (B*K, T, V), log p_psi(y|x,k) raw and
+    with recon weights (B, K), the router log p_phi(k|x) (B, K) with its outside mass (B,), and
+    the posterior log q(k|x,y) (B, K).
+    """
+    B, K = batch["base_idx"].shape[0], fact.K
+    gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
+    tok = token_log_probs(gen_logits, batch["gen_idx"]).view(B, K, -1)  # (B, K, T-1)
+    gen_logp_raw = (tok * batch["gen_mask"].view(B, K, -1)).sum(-1)  # (B, K) log p_psi(y|x,k)
+    gen_logp = (tok * weights[:, None]).sum(-1)  # (B, K) with recon weights
+    # the router position precedes the latent token, so any of the K copies gives p_phi(z|x)
+    route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
+    router_logp, outside = router_log_probs(route_logits, [STOI[t] for t in LATENT_TOKENS[:K]])
+    log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float(), -1)
+    return gen_logits, gen_logp_raw, gen_logp, router_logp, outside, log_q
+
+
+def continuous_pass(fact, batch, weights, S):
+    """
+    S reparameterised samples z_s = mu_q + sigma_q * eps_s per pair, in one batched forward.
+    Returns (1/S) sum_s log p_psi(y|x,z_s) raw and weighted (B,), posterior (mu, logvar) and
+    router (mu, logvar), each (B, dz).
+    """
+    B = batch["base_idx"].shape[0]
+    mu_q, logvar_q = fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float().chunk(2, dim=-1)
+    eps = torch.randn(B, S, mu_q.shape[-1], device=mu_q.device)  # (B, S, dz)
+    z = (mu_q[:, None] + (0.5 * logvar_q[:, None]).exp() * eps).reshape(B * S, -1)  # (B*S, dz)
+    gen_idx = batch["base_idx"].repeat_interleave(S, dim=0)  # (B*S, T)
+    logits, hidden = fact.lm(gen_idx, latent=z, latent_pos=batch["slot_pos"].repeat_interleave(S),
+                             return_hidden=True)
+    tok = token_log_probs(logits, gen_idx).view(B, S, -1)  # (B, S, T-1)
+    gen_logp = (tok * weights[:, None]).sum(-1).mean(1)
+    gen_logp_raw = (tok * batch["base_mask"][:, None]).sum(-1).mean(1)
+    # the router reads the state at <z>, before the slot, so it never sees z
+    route_state = fact.lm.ln_f(hidden[::S, -1][torch.arange(B), batch["route_pos"]])  # (B, d)
+    mu_p, logvar_p = fact.router_head(route_state).float().chunk(2, dim=-1)
+    return gen_logp_raw, gen_logp, mu_q, logvar_q, mu_p, logvar_p
+
+
 def objective(fact, base, batch, cfg, beta):
     """
     The loss J = recon + beta * kl + aux for one batch, and a dict of every term (raw and
@@ -291,22 +333,11 @@ def objective(fact, base, batch, cfg, beta):
     """
     base_logp, weights = base_token_stats(base, batch, cfg.token_weighted)  # (B, T-1) each
     base_recon = -(base_logp * weights).sum(-1)  # (B,) the z-free baseline's (weighted) y-loss
-    B = base_logp.shape[0]
     logs, aux = {}, {}
-
     if cfg.latent == "discrete":
-        K = fact.K
-        gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
-        tok = token_log_probs(gen_logits, batch["gen_idx"]).view(B, K, -1)  # (B, K, T-1)
-        gen_logp_raw = (tok * batch["gen_mask"].view(B, K, -1)).sum(-1)  # (B, K) log p_psi(y|x,k)
-        gen_logp = (tok * weights[:, None]).sum(-1)  # (B, K) with recon weights
-        route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
-        latent_ids = [STOI[t] for t in LATENT_TOKENS[:K]]
-        router_logp, outside = router_log_probs(route_logits, latent_ids)  # (B, K), (B,)
-        log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float(), -1)
+        gen_logits, gen_logp_raw, gen_logp, router_logp, outside, log_q = discrete_pass(fact, batch, weights)
         q = log_q.exp()
-        recon = recon_loss(q, gen_logp)
-        raw_recon = recon_loss(q, gen_logp_raw)
+        recon, raw_recon = recon_loss(q, gen_logp), recon_loss(q, gen_logp_raw)
         kl = categorical_kl(log_q, router_logp)
         if cfg.posterior_entropy:
             aux["aux/posterior_entropy"] = cfg.posterior_entropy * posterior_entropy_loss(log_q).mean()
@@ -315,28 +346,15 @@ def objective(fact, base, batch, cfg, beta):
         if cfg.router_marginal_kl:
             aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * router_marginal_kl_loss(router_logp)
         if cfg.jsd:
-            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, batch["gen_mask"], K).mean()
+            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, batch["gen_mask"], fact.K).mean()
         log_marginal = torch.logsumexp(router_logp + gen_logp_raw, dim=-1)  # exact log p(y|x)
-        elbo = -(raw_recon + kl)
         logs.update({"diag/log_marginal": log_marginal.mean().item(),
-                     "diag/elbo_gap": (log_marginal - elbo).mean().item(),
+                     "diag/elbo_gap": (log_marginal + raw_recon + kl).mean().item(),
                      "diag/router_outside_mass": outside.mean().item(),
                      **{f"usage/router_z{k + 1}": v for k, v in enumerate(router_logp.exp().mean(0).tolist())},
                      **{f"usage/posterior_z{k + 1}": v for k, v in enumerate(q.mean(0).tolist())}})
     else:
-        S = cfg.samples
-        post = fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float()
-        mu_q, logvar_q = post.chunk(2, dim=-1)  # (B, dz) each
-        eps = torch.randn(S, *mu_q.shape, device=mu_q.device)
-        z = (mu_q + (0.5 * logvar_q).exp() * eps).transpose(0, 1).reshape(B * S, -1)  # (B*S, dz), reparameterised
-        gen_idx = batch["base_idx"].repeat_interleave(S, dim=0)  # (B*S, T)
-        logits, hidden = fact.lm(gen_idx, latent=z, latent_pos=batch["slot_pos"].repeat_interleave(S),
-                                 return_hidden=True)
-        tok = token_log_probs(logits, gen_idx).view(B, S, -1)  # (B, S, T-1)
-        gen_logp = (tok * weights[:, None]).sum(-1).mean(1)  # (B,) (1/S) sum_s log p_psi(y|x,z_s)
-        gen_logp_raw = (tok * batch["base_mask"][:, None]).sum(-1).mean(1)
-        route_state = fact.lm.ln_f(hidden[::S, -1][torch.arange(B), batch["route_pos"]])  # (B, d), state at <z>
-        mu_p, logvar_p = fact.router_head(route_state).float().chunk(2, dim=-1)
+        gen_logp_raw, gen_logp, mu_q, logvar_q, mu_p, logvar_p = continuous_pass(fact, batch, weights, cfg.samples)
         recon, raw_recon = -gen_logp, -gen_logp_raw
         kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
         if cfg.posterior_variance:
