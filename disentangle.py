@@ -26,13 +26,15 @@ with --data dgp). The loss, one named function per term:
     aux, each behind its flag with a weight:
       --token-weighted       R with per-token weights w_t = (1 + H_t / mean H) / 2 from the z-free
                              base model's entropy H_t, so strategy-deciding tokens count most
+                             (and JSD weighted by H_t / mean H: latents should differ at decisions)
       --normalized-recon     R / R_base, R_base = -log p_base(y|x) (same weights): restores the
                              recon-to-KL balance when the initialiser already reconstructs well
       --posterior-entropy    + w H(q(z|x,y))                         (discrete; sharper posteriors)
       --router-support       + w (-log sum_k p_full(<zk>|x))         (discrete; router mass on latents)
       --router-marginal-kl   + w KL(E_x p_phi(z|x) || Unif(K))       (discrete; no usage collapse)
                              + w KL(N(mean mu, mean sigma^2 + var mu) || N(0, I))   (continuous)
-      --jsd                  - w JSD_t(p_psi(y_t|x,y_<t,z=1..K))      (discrete; latents differ)
+      --jsd                  - w sum_t JSD(p_psi(y_t|x,y_<t,z=1..K))  (discrete; latents differ),
+                             each p_psi renormalised on the base model's support (tokens >= 1%)
       --posterior-variance   + w mean_d sigma_xi,d^2                  (continuous; tight posteriors)
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical) and free
     bits (the KL term is max(K, free_bits) on the batch mean).
@@ -158,7 +160,7 @@ class Factorization(nn.Module):
             with torch.no_grad():
                 emb = self.lm.tok_emb.weight
                 g = torch.Generator().manual_seed(0)
-                noise = torch.randn(K, emb.shape[1], generator=g) * emb[STOI["<z_empty>"]].std()
+                noise = torch.randn(K, emb.shape[1], generator=g) * 3 * emb[STOI["<z_empty>"]].std()
                 emb[[STOI[t] for t in LATENT_TOKENS[:K]]] = emb[STOI["<z_empty>"]] + noise.to(emb.device)
 
     def posterior_params(self, idx, y_mask):
@@ -201,23 +203,29 @@ def make_batch(task, pairs, K, device):
     return batch
 
 
+SUPPORT_THRESHOLD = 0.01  # JSD compares latents on the tokens the base model gives >= 1%
+
+
 @torch.no_grad()
 def base_token_stats(base, batch, token_weighted):
     """
-    The z-free base model on y: per-token log p_base (B, T-1) and recon weights w_t (B, T-1):
-    1 everywhere, or (with token_weighted) w_t = (1 + H_t / mean_t H) / 2 with H_t the base
-    model's predictive entropy, so weights average 1 and peak where the strategy is decided.
+    The z-free base model on y. Returns per-token log p_base (B, T-1), its support (B, T-1, V):
+    the tokens it gives at least SUPPORT_THRESHOLD, and two weightings of the
+    y tokens (B, T-1): for recon, 1 everywhere or (token_weighted) w_t = (1 + H_t / mean_t H) / 2;
+    for JSD, 1 everywhere or (token_weighted) H_t / mean_t H. H_t is the base model's predictive
+    entropy: high where the strategy is decided, ~0 where the next token is determined, so JSD
+    rewards latents that differ at decisions rather than latents that write different garbage.
     """
     logits = base(batch["base_idx"])
     logp_tok = token_log_probs(logits, batch["base_idx"])
     mask = batch["base_mask"].float()
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    support = logp > math.log(SUPPORT_THRESHOLD)  # tokens the base model finds plausible
     if not token_weighted:
-        return logp_tok, mask
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        return logp_tok, mask, mask, support
     entropy = -(logp.exp() * logp).sum(-1) * mask  # (B, T-1)
-    mean_entropy = entropy.sum(1, keepdim=True) / mask.sum(1, keepdim=True)
-    # half the weight spread evenly (so deterministic tokens stay learned), half by entropy
-    return logp_tok, 0.5 * (mask + entropy / mean_entropy.clamp(min=1e-8))
+    entropy_share = entropy / (entropy.sum(1, keepdim=True) / mask.sum(1, keepdim=True)).clamp(min=1e-8)
+    return logp_tok, 0.5 * (mask + entropy_share), entropy_share, support
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,19 +270,26 @@ def gaussian_marginal_kl_loss(mu, logvar):
     return 0.5 * (v + m ** 2 - 1 - v.log()).sum()
 
 
-def jsd_loss(gen_logits, gen_mask, K):
+def jsd_loss(gen_logits, weights, K, support=None):
     """
     Inter-latent token-level Jensen-Shannon divergence, per pair: at each y position t,
-    JSD_t = H(mean_k p_k) - mean_k H(p_k) with p_k = p_psi(. | x, y_<t, z=k); averaged over t.
+    JSD_t = H(mean_k p_k) - mean_k H(p_k) with p_k = p_psi(. | x, y_<t, z=k); summed over the y
+    positions with weights (B, T-1) (1 on y tokens, or the base entropy share). With support
+    (B, T-1, V), each p_k is first renormalised on the tokens the base model finds plausible, so
+    a latent cannot raise the JSD by writing tokens no strategy writes. Summed over t, so
+    it is on the same per-record scale as the reconstruction (which it must outweigh to split
+    latents apart: the exact ELBO is indifferent between entangled and disentangled solutions).
     """
-    logp = F.log_softmax(gen_logits[:, :-1].float(), dim=-1)  # (B*K, T-1, V)
-    B = logp.shape[0] // K
-    logp = logp.view(B, K, *logp.shape[1:])  # (B, K, T-1, V)
+    logits = gen_logits[:, :-1].float()
+    B = logits.shape[0] // K
+    logits = logits.view(B, K, *logits.shape[1:])  # (B, K, T-1, V)
+    if support is not None:  # renormalise on the base model's support: no reward for garbage
+        logits = logits.masked_fill(~support[:, None], -1e9)
+    logp = F.log_softmax(logits, dim=-1)
     log_mix = torch.logsumexp(logp, dim=1) - math.log(K)  # (B, T-1, V)
     h_mix = -(log_mix.exp() * log_mix).sum(-1)
     h_each = -(logp.exp() * logp).sum(-1).mean(1)
-    mask = gen_mask.view(B, K, -1)[:, 0].float()
-    return ((h_mix - h_each) * mask).sum(-1) / mask.sum(-1)
+    return ((h_mix - h_each) * weights).sum(-1)
 
 
 def beta_at(step, cfg):
@@ -331,7 +346,7 @@ def objective(fact, base, batch, cfg, beta):
     The loss J = recon + beta * kl + aux for one batch, and a dict of every term (raw and
     weighted) for logging. Discrete latents are enumerated exactly; continuous ones sampled.
     """
-    base_logp, weights = base_token_stats(base, batch, cfg.token_weighted)  # (B, T-1) each
+    base_logp, weights, jsd_weights, support = base_token_stats(base, batch, cfg.token_weighted)
     base_recon = -(base_logp * weights).sum(-1)  # (B,) the z-free baseline's (weighted) y-loss
     logs, aux = {}, {}
     if cfg.latent == "discrete":
@@ -346,7 +361,7 @@ def objective(fact, base, batch, cfg, beta):
         if cfg.router_marginal_kl:
             aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * router_marginal_kl_loss(router_logp)
         if cfg.jsd:
-            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, batch["gen_mask"], fact.K).mean()
+            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, jsd_weights, fact.K, support).mean()
         log_marginal = torch.logsumexp(router_logp + gen_logp_raw, dim=-1)  # exact log p(y|x)
         logs.update({"diag/log_marginal": log_marginal.mean().item(),
                      "diag/elbo_gap": (log_marginal + raw_recon + kl).mean().item(),
