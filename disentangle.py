@@ -39,7 +39,8 @@ with --data dgp). The loss, one named function per term:
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical) and free
     bits (the KL term is max(K, free_bits) on the batch mean).
 
-    python disentangle.py --task grid --latent discrete       # CPU, about 15 minutes
+    python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
+        --router-marginal-kl 1 --router-support 0.1           # the README's recipe; CPU, ~8 minutes
     python disentangle.py --latent continuous --device cuda   # grid, on a GPU
     python disentangle.py --task sort --k 8                   # more latents than strategies
 
@@ -83,8 +84,8 @@ class Config:
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seed: int = arg(0, "seed for initialisation, data and evaluation")
     data: str = arg("model", "where y comes from: model (sampled from the base) or dgp (the true mixture)")
-    steps: int = arg(600, "optimisation steps")
-    batch_size: int = arg(32, "(x, y) pairs per step")
+    steps: int = arg(500, "optimisation steps")
+    batch_size: int = arg(16, "(x, y) pairs per step")
     lr: float = arg(5e-4, "AdamW learning rate (constant after warm-up)")
     warmup: int = arg(50, "learning-rate warm-up steps")
     weight_decay: float = arg(0.0, "AdamW weight decay on matrices")

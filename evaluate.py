@@ -345,6 +345,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     path = os.path.join(args.run, "ckpt.pt")
     ckpt = load_checkpoint(path, vocab=VOCAB)
+    if "latent" in ckpt.get("train_config", {}):
+        raise ValueError(f"{path} is a stage-2 run: disentangle.py scores it into its metrics.json")
     task = get_task(ckpt["task"], **ckpt.get("task_options", {}))
     model = model_from_checkpoint(ckpt, path).to(pick_device(args.device))
     metrics = base_metrics(model, task, args.inputs, args.seed)
