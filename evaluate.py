@@ -203,20 +203,20 @@ def train_probes(features, labels, valid, n_classes, is_train, steps=300, lr=0.0
     denom = train_w.sum(1, keepdim=True).clamp(min=1)[..., None]
     mean = (features * train_w[..., None]).sum(1, keepdim=True) / denom
     std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / denom).sqrt() + 1e-5
-    X = (features - mean) / std  # (G, N, d)
-    W = torch.zeros(G, d, n_classes, requires_grad=True)
-    b = torch.zeros(G, 1, n_classes, requires_grad=True)
-    opt = torch.optim.Adam([W, b], lr=lr)
+    Xt = ((features - mean) / std).transpose(1, 2).contiguous()  # (G, d, N): logits come out (G, C, N)
+    Wt = torch.zeros(G, n_classes, d, requires_grad=True)
+    b = torch.zeros(G, n_classes, 1, requires_grad=True)
+    opt = torch.optim.Adam([Wt, b], lr=lr)
     target = labels[None].expand(G, N)
     for _ in range(steps):
-        logits = X @ W + b  # (G, N, C)
-        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (G, N)
-        loss = (nll * train_w).sum() / train_w.sum().clamp(min=1) + l2 * (W ** 2).sum() / G
+        logits = Wt @ Xt + b  # (G, C, N)
+        nll = F.cross_entropy(logits, target, reduction="none")  # (G, N)
+        loss = (nll * train_w).sum() / train_w.sum().clamp(min=1) + l2 * (Wt ** 2).sum() / G
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        correct = ((X @ W + b).argmax(-1) == target).float()
+        correct = ((Wt @ Xt + b).argmax(1) == target).float()
         n_test = test_w.sum(1)
         acc = (correct * test_w).sum(1) / n_test.clamp(min=1)
         acc[n_test < 10] = float("nan")
