@@ -19,7 +19,7 @@ grouped by length so padding wastes little compute. Every eval_interval steps th
 held-out inputs at temperature 1, scores them with evaluate.py, saves a checkpoint and a probe
 snapshot (Key Figure 1 over training).
 
-    python train_base.py --task grid                # CPU, about 10 minutes
+    python train_base.py --task grid                # 2-core CPU, about 20 minutes
     python train_base.py --task sort --device cuda  # GPU, a minute or two
     python evaluate.py runs/grid/base               # rescore the final checkpoint
 
@@ -46,7 +46,7 @@ from tasks import PAD, VOCAB, encode, get_task, prompt_tokens, record_tokens
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-# training steps per task when --steps is 0 (chosen to reach the README's targets on a 2-core CPU)
+# training steps per task when --steps is 0 (grid measured: see the README; the rest are first guesses)
 TASK_STEPS = {"list_summation": 3000, "sorting_algorithms": 4000, "grid_pathfinding": 2500,
               "linear_equation_solving": 3000, "base_conversion": 5000, "multidigit_addition": 4000}
 
