@@ -62,11 +62,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (alignment_one_to_one, best_matching, contingency, dgp_samples, generate_ys,
+from evaluate import (alignment_one_to_one, contingency, dgp_samples, generate_ys,
                       generation_metrics, heldout_inputs, local_coverage, train_probes)
-from model import (arg, autocast, configure_optimizer, load_checkpoint, model_from_checkpoint, pad_batch,
-                   parse_config, pick_device, run_main, save_checkpoint, seed_everything, token_log_probs,
-                   router_log_probs)
+from model import (arg, autocast, check_resume_config, configure_optimizer, load_checkpoint, model_from_checkpoint,
+                   pad_batch, parse_config, pick_device, router_log_probs, run_main, save_checkpoint,
+                   seed_everything, token_log_probs)
 from tasks import PAD, STOI, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -563,11 +563,7 @@ def main(argv=None):
     start_step = 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task_name)
-        saved = {k: v for k, v in ckpt["train_config"].items() if k not in ("resume", "device", "steps")}
-        now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "steps")}
-        if saved != now:
-            raise ValueError(f"--resume with settings that differ from the saved run: "
-                             f"{sorted(k for k in now if saved.get(k) != now[k])}")
+        check_resume_config(ckpt["train_config"], asdict(cfg))
         fact.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]

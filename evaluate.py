@@ -20,7 +20,6 @@ and the majority-class rate are the baselines.
 
 import itertools
 import json
-import math
 import os
 import random
 import sys

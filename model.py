@@ -380,6 +380,13 @@ def parse_config(cls, argv=None, description=""):
     return cls(**vars(parser.parse_args(argv)))
 
 
+def check_resume_config(saved, now, free=("resume", "device", "steps")):
+    """--resume must continue the same run: every setting but those in `free` must match."""
+    changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"--resume with settings that differ from the saved run: {changed}")
+
+
 def seed_everything(seed):
     """Seed Python and torch once per run; data generators take their own random.Random."""
     random.seed(seed)

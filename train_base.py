@@ -39,8 +39,9 @@ import torch
 from tqdm import tqdm
 
 from evaluate import base_metrics, first_decodable_position, probe_grid
-from model import (GPT, GPTConfig, arg, autocast, configure_optimizer, load_checkpoint, model_from_checkpoint,
-                   pad_batch, parse_config, pick_device, run_main, save_checkpoint, seed_everything, token_log_probs)
+from model import (GPT, GPTConfig, arg, autocast, check_resume_config, configure_optimizer, load_checkpoint,
+                   model_from_checkpoint, pad_batch, parse_config, pick_device, run_main, save_checkpoint,
+                   seed_everything, token_log_probs)
 from tasks import PAD, VOCAB, encode, get_task, prompt_tokens, record_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -188,11 +189,7 @@ def main(argv=None):
     start_step = 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task.name)
-        saved = {k: v for k, v in ckpt["train_config"].items() if k not in ("resume", "device", "steps")}
-        now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "steps")}
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"--resume with settings that differ from the saved run: {diff}")
+        check_resume_config(ckpt["train_config"], asdict(cfg))
         model = model_from_checkpoint(ckpt, ckpt_path).to(device)
         optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -1,7 +1,6 @@
 """train_base.py: a short run learns, --resume is exact, user errors are one clear line."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 import train_base
-from model import load_checkpoint, model_from_checkpoint, pad_batch, token_log_probs
+from model import load_checkpoint, model_from_checkpoint, pad_batch
 from tasks import PAD, VOCAB, encode, get_task, record_tokens
 
 TINY = ["--task", "grid", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
