@@ -34,7 +34,8 @@ with --data dgp). The loss, one named function per term:
       --router-marginal-kl   + w KL(E_x p_phi(z|x) || Unif(K))       (discrete; no usage collapse)
                              + w KL(N(mean mu, mean sigma^2 + var mu) || N(0, I))   (continuous)
       --jsd                  - w sum_t JSD(p_psi(y_t|x,y_<t,z=1..K))  (discrete; latents differ),
-                             each p_psi renormalised on the base model's support (tokens >= 1%)
+                             each p_psi renormalised on the base model's support (tokens >= 1%),
+                             latents weighted by their posterior given y_<t (--no-jsd-prefix: uniform)
       --posterior-variance   + w mean_d sigma_xi,d^2                  (continuous; tight posteriors)
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical) and free
     bits (the KL term is max(K, free_bits) on the batch mean).
@@ -101,6 +102,7 @@ class Config:
     router_support: float = arg(0.0, "discrete: weight of -log p(latent tokens | router prompt)")
     router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
+    jsd_prefix: bool = arg(True, "weight latents in the JSD by their posterior given the y prefix (off: uniform)")
     posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
     eval_interval: int = arg(100, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation")
@@ -271,15 +273,19 @@ def gaussian_marginal_kl_loss(mu, logvar):
     return 0.5 * (v + m ** 2 - 1 - v.log()).sum()
 
 
-def jsd_loss(gen_logits, weights, K, support=None):
+def jsd_loss(gen_logits, weights, K, support=None, log_pi=None):
     """
     Inter-latent token-level Jensen-Shannon divergence, per pair: at each y position t,
-    JSD_t = H(mean_k p_k) - mean_k H(p_k) with p_k = p_psi(. | x, y_<t, z=k); summed over the y
-    positions with weights (B, T-1) (1 on y tokens, or the base entropy share). With support
+
+        JSD_t = H(sum_k pi_k p_k) - sum_k pi_k H(p_k),   p_k = p_psi(. | x, y_<t, z=k)
+
+    summed over the y positions with weights (B, T-1) (1 on y tokens, or the base entropy share),
+    so it is on the per-record scale of the reconstruction, which it must outweigh to split
+    latents apart (the exact ELBO is indifferent between entangled and disentangled solutions).
+    pi_k is uniform, or (log_pi, (B, K, T-1)) each latent's posterior given the prefix y_<t:
+    latents are then compared only on prefixes they could have written themselves. With support
     (B, T-1, V), each p_k is first renormalised on the tokens the base model finds plausible, so
-    a latent cannot raise the JSD by writing tokens no strategy writes. Summed over t, so
-    it is on the same per-record scale as the reconstruction (which it must outweigh to split
-    latents apart: the exact ELBO is indifferent between entangled and disentangled solutions).
+    a latent cannot raise the JSD by writing tokens no strategy writes.
     """
     logits = gen_logits[:, :-1].float()
     B = logits.shape[0] // K
@@ -287,10 +293,23 @@ def jsd_loss(gen_logits, weights, K, support=None):
     if support is not None:  # renormalise on the base model's support: no reward for garbage
         logits = logits.masked_fill(~support[:, None], -1e9)
     logp = F.log_softmax(logits, dim=-1)
-    log_mix = torch.logsumexp(logp, dim=1) - math.log(K)  # (B, T-1, V)
+    if log_pi is None:
+        log_pi = torch.full(logp.shape[:3], -math.log(K), device=logp.device)
+    log_mix = torch.logsumexp(log_pi[..., None] + logp, dim=1)  # (B, T-1, V)
     h_mix = -(log_mix.exp() * log_mix).sum(-1)
-    h_each = -(logp.exp() * logp).sum(-1).mean(1)
+    h_each = (log_pi.exp() * -(logp.exp() * logp).sum(-1)).sum(1)
     return ((h_mix - h_each) * weights).sum(-1)
+
+
+def prefix_posterior(router_logp, tok, mask):
+    """
+    log pi_{k,t} = log p(z=k | x, y_<t) proportional to log p_phi(k|x) + sum_{t'<t} log p_psi(y_t'|x,y_<t',k),
+    from the router (B, K) and per-token log-probs (B, K, T-1) on the y targets (mask (B, T-1)).
+    Detached: it says where to compare latents, it is not itself optimised.
+    """
+    with torch.no_grad():
+        written = (tok * mask[:, None]).cumsum(-1) - tok * mask[:, None]  # exclusive: y_<t only
+        return F.log_softmax(router_logp[..., None] + written, dim=1)
 
 
 def beta_at(step, cfg):
@@ -304,7 +323,8 @@ def beta_at(step, cfg):
 
 def discrete_pass(fact, batch, weights):
     """
-    All K latents in one batched forward. Returns gen_logits (B*K, T, V), log p_psi(y|x,k) raw and
+    All K latents in one batched forward. Returns gen_logits (B*K, T, V), the per-token
+    log-probs (B, K, T-1), log p_psi(y|x,k) raw and
     with recon weights (B, K), the router log p_phi(k|x) (B, K) with its outside mass (B,), and
     the posterior log q(k|x,y) (B, K).
     """
@@ -317,7 +337,7 @@ def discrete_pass(fact, batch, weights):
     route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
     router_logp, outside = router_log_probs(route_logits, [STOI[t] for t in LATENT_TOKENS[:K]])
     log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float(), -1)
-    return gen_logits, gen_logp_raw, gen_logp, router_logp, outside, log_q
+    return gen_logits, tok, gen_logp_raw, gen_logp, router_logp, outside, log_q
 
 
 def continuous_pass(fact, batch, weights, S):
@@ -351,7 +371,7 @@ def objective(fact, base, batch, cfg, beta):
     base_recon = -(base_logp * weights).sum(-1)  # (B,) the z-free baseline's (weighted) y-loss
     logs, aux = {}, {}
     if cfg.latent == "discrete":
-        gen_logits, gen_logp_raw, gen_logp, router_logp, outside, log_q = discrete_pass(fact, batch, weights)
+        gen_logits, tok, gen_logp_raw, gen_logp, router_logp, outside, log_q = discrete_pass(fact, batch, weights)
         q = log_q.exp()
         recon, raw_recon = recon_loss(q, gen_logp), recon_loss(q, gen_logp_raw)
         kl = categorical_kl(log_q, router_logp)
@@ -362,7 +382,8 @@ def objective(fact, base, batch, cfg, beta):
         if cfg.router_marginal_kl:
             aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * router_marginal_kl_loss(router_logp)
         if cfg.jsd:
-            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, jsd_weights, fact.K, support).mean()
+            log_pi = prefix_posterior(router_logp, tok, batch["base_mask"].float()) if cfg.jsd_prefix else None
+            aux["aux/jsd"] = -cfg.jsd * jsd_loss(gen_logits, jsd_weights, fact.K, support, log_pi).mean()
         log_marginal = torch.logsumexp(router_logp + gen_logp_raw, dim=-1)  # exact log p(y|x)
         logs.update({"diag/log_marginal": log_marginal.mean().item(),
                      "diag/elbo_gap": (log_marginal + raw_recon + kl).mean().item(),
