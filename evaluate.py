@@ -25,6 +25,7 @@ import random
 import sys
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -254,6 +255,20 @@ def split_by_input(task, xs, test_fraction):
     return torch.tensor([tuple(task.input_tokens(x)) not in test_keys for x in xs])
 
 
+def save_probe_snapshot(path, step, probes):
+    """Append one probe grid (L+1, P) to probes.npz (arrays padded to the widest grid)."""
+    snaps = dict(np.load(path)) if os.path.exists(path) else {}
+    steps = [int(s) for s in snaps.get("steps", []) if s < step] + [step]
+    grids = [g for g, s in zip(snaps.get("acc", []), snaps.get("steps", [])) if s < step] + [probes["acc"].numpy()]
+    shuffled = [g for g, s in zip(snaps.get("acc_shuffled", []), snaps.get("steps", [])) if s < step]
+    shuffled += [probes["acc_shuffled"].numpy()]
+    P = max(g.shape[1] for g in grids)
+    pad = lambda gs: np.stack([np.pad(g, ((0, 0), (0, P - g.shape[1])), constant_values=np.nan) for g in gs])
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, steps=np.array(steps), acc=pad(grids), acc_shuffled=pad(shuffled), chance=probes["chance"])
+    os.replace(tmp, path)
+
+
 def first_decodable_position(acc, threshold=0.95):
     """First y-position where some layer's probe reaches threshold, or None."""
     best = torch.nan_to_num(acc, nan=0.0).max(0).values  # (P,)
@@ -350,6 +365,7 @@ def main(argv=None):
     model = model_from_checkpoint(ckpt, path).to(pick_device(args.device))
     metrics = base_metrics(model, task, args.inputs, args.seed)
     probes = probe_grid(model, task, seed=args.seed)
+    save_probe_snapshot(os.path.join(args.run, "probes.npz"), ckpt.get("step", 0), probes)  # refresh the last
     metrics["probe_first_position_95"] = first_decodable_position(probes["acc"])
     metrics["probe_chance"] = probes["chance"]
     with open(os.path.join(args.run, "metrics.json"), "w") as f:

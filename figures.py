@@ -160,13 +160,13 @@ def scatter_over_training(task, steps, points, labels, run, out, title, stem, si
     """One facet per snapshot (PNG) and one frame per snapshot (GIF), coloured by strategy."""
     proj = [simplex_2d(p) if simplex else project_2d(p) for p in points]
     colors = plt.cm.tab10(np.arange(len(task.strategies)))
+    lim = max(np.abs(xy).max() for xy in proj) * 1.1 + 1e-6  # one scale for every facet and frame
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 3.0), squeeze=False)
     for ax, step, xy, lab in zip(axes[0], steps, proj, labels):
         for c, name in enumerate(task.strategies):
             ax.scatter(*xy[lab == c].T, s=6, color=colors[c], label=name)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[])
         ax.set_title(f"step {step}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
     axes[0][-1].legend(fontsize=7, loc="best", markerscale=2)
     fig.suptitle(f"{title}\n{run}", fontsize=10)
     fig.tight_layout()
@@ -174,7 +174,6 @@ def scatter_over_training(task, steps, points, labels, run, out, title, stem, si
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    lim = max(np.abs(xy).max() for xy in proj) * 1.1 + 1e-6
 
     def update(i):
         ax.clear()

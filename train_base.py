@@ -34,11 +34,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluate import base_metrics, first_decodable_position, probe_grid
+from evaluate import base_metrics, first_decodable_position, probe_grid, save_probe_snapshot
 from model import (GPT, GPTConfig, arg, autocast, check_resume_config, configure_optimizer, load_checkpoint,
                    model_from_checkpoint, pad_batch, parse_config, pick_device, run_main, save_checkpoint,
                    seed_everything, token_log_probs)
@@ -153,20 +152,6 @@ def truncate_log(path, step):
         keep = [line for line in f if json.loads(line).get("step", 0) <= step]
     with open(path, "w") as f:
         f.writelines(keep)
-
-
-def save_probe_snapshot(path, step, probes):
-    """Append one probe grid (L+1, P) to probes.npz (arrays padded to the widest grid)."""
-    snaps = dict(np.load(path)) if os.path.exists(path) else {}
-    steps = [int(s) for s in snaps.get("steps", []) if s < step] + [step]
-    grids = [g for g, s in zip(snaps.get("acc", []), snaps.get("steps", [])) if s < step] + [probes["acc"].numpy()]
-    shuffled = [g for g, s in zip(snaps.get("acc_shuffled", []), snaps.get("steps", [])) if s < step]
-    shuffled += [probes["acc_shuffled"].numpy()]
-    P = max(g.shape[1] for g in grids)
-    pad = lambda gs: np.stack([np.pad(g, ((0, 0), (0, P - g.shape[1])), constant_values=np.nan) for g in gs])
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, steps=np.array(steps), acc=pad(grids), acc_shuffled=pad(shuffled), chance=probes["chance"])
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
