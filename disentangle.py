@@ -63,8 +63,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (alignment_one_to_one, contingency, dgp_samples, generate_ys,
-                      generation_metrics, heldout_inputs, local_coverage, train_probes)
+from evaluate import (alignment_one_to_one, contingency, dgp_samples, generate_ys, generation_metrics,
+                      heldout_inputs, local_coverage, split_by_input, train_probes)
 from model import (arg, autocast, check_resume_config, configure_optimizer, load_checkpoint, model_from_checkpoint,
                    pad_batch, parse_config, pick_device, router_log_probs, run_main, save_checkpoint,
                    seed_everything, token_log_probs)
@@ -245,9 +245,14 @@ def categorical_kl(log_q, log_p):
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
+def gaussian_kl_per_dim(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, s_q^2) || N(mu_p, s_p^2)) per dimension, in closed form: (B, dz) -> (B, dz)."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1)
+
+
 def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
-    """K = KL(N(mu_q, s_q^2) || N(mu_p, s_p^2)) summed over dimensions, in closed form: (B, dz) -> (B,)."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1).sum(-1)
+    """K = KL(q || p) for diagonal Gaussians, summed over dimensions: (B, dz) -> (B,)."""
+    return gaussian_kl_per_dim(mu_q, logvar_q, mu_p, logvar_p).sum(-1)
 
 
 def posterior_entropy_loss(log_q):
@@ -501,13 +506,14 @@ def evaluate_factorization(fact, task, cfg, seed):
         sampled_labels = [task.check(x, y).strategies if y is not None else frozenset() for x, y in zip(xs, ys)]
         keep = [i for i, s in enumerate(sampled_labels) if len(s) == 1]
         z_labels = torch.tensor([task.strategies.index(next(iter(sampled_labels[i]))) for i in keep])
-        metrics["sampled_z_probe_acc"] = linear_probe_accuracy(z[keep], z_labels, len(task.strategies))
+        metrics["sampled_z_probe_acc"] = linear_probe_accuracy(task, [xs[i] for i in keep], z[keep], z_labels)
         mu_q, logvar_q = posterior_of(fact, task, [(x, y) for x, _, y in samples])
-        metrics["posterior_mu_probe_acc"] = linear_probe_accuracy(mu_q, labels, len(task.strategies))
+        sample_xs = [x for x, _, _ in samples]
+        metrics["posterior_mu_probe_acc"] = linear_probe_accuracy(task, sample_xs, mu_q, labels)
         metrics["posterior_sampled_gap"] = metrics["posterior_mu_probe_acc"] - metrics["sampled_z_probe_acc"]
         metrics.update(centroid_geometry(mu_q, labels, len(task.strategies)))
-        kl_dims = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p[:len(mu_q)]) ** 2)
-                         / logvar_p.exp() - 1).mean(0) if len(mu_q) == len(mu_p) else torch.zeros(fact.dz)
+        mu_ps, logvar_ps = router_distribution(fact, task, sample_xs)  # the prior of each posterior row
+        kl_dims = gaussian_kl_per_dim(mu_q, logvar_q, mu_ps, logvar_ps).mean(0)  # (dz,)
         metrics["kl_per_dim"] = kl_dims.tolist()
         metrics["active_units"] = int((mu_q.var(0) > 0.01).sum())
         metrics.update(centroid_control(fact, task, xs, mu_q, labels))
@@ -516,14 +522,13 @@ def evaluate_factorization(fact, task, cfg, seed):
     return metrics, snap
 
 
-def linear_probe_accuracy(features, labels, n_classes, test_fraction=1 / 3):
-    """A logistic probe from features (N, d) to labels, trained and scored on disjoint halves."""
-    N = len(labels)
-    if N < 20:
+def linear_probe_accuracy(task, xs, features, labels, test_fraction=1 / 3):
+    """A logistic probe from features (N, d) to strategy labels, scored on inputs it never saw."""
+    if len(labels) < 20:
         return float("nan")
-    is_train = torch.arange(N) >= int(N * test_fraction)
-    valid = torch.ones(1, N, dtype=torch.bool)
-    return float(train_probes(features[None].float(), labels, valid, n_classes, is_train)[0])
+    is_train = split_by_input(task, xs, test_fraction)
+    valid = torch.ones(1, len(labels), dtype=torch.bool)
+    return float(train_probes(features[None].float(), labels, valid, len(task.strategies), is_train)[0])
 
 
 def centroid_geometry(mu, labels, n_classes):
