@@ -42,7 +42,8 @@ with --data dgp). The loss, one named function per term:
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1          # the README's recipe; CPU, ~7 minutes
-    python disentangle.py --latent continuous --device cuda   # grid, on a GPU
+    python disentangle.py --latent continuous --token-weighted --beta 0.2 \
+        --router-marginal-kl 1                                # the continuous recipe (grid)
     python disentangle.py --task sort --k 8                   # more latents than strategies
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json, log.jsonl,
@@ -138,9 +139,10 @@ class Factorization(nn.Module):
     posterior:   a second copy of the base backbone; post_head maps the mean y-state to
                  K logits (discrete) or (mu, log sigma^2) (continuous)
     router_head: continuous only, (mu, log sigma^2) of p_phi(z|x) from the LM's state at <z>
+    seed:        draws the noise that tells the K latent embeddings apart at step 0
     """
 
-    def __init__(self, base_ckpt, latent, K, dz, path):
+    def __init__(self, base_ckpt, latent, K, dz, path, seed=0):
         super().__init__()
         self.latent, self.K, self.dz = latent, K, dz
         extra = {"latent_dim": dz} if latent == "continuous" else {}
@@ -162,7 +164,7 @@ class Factorization(nn.Module):
             # latent reproduces the base model at step 0 and the noise breaks their symmetry
             with torch.no_grad():
                 emb = self.lm.tok_emb.weight
-                g = torch.Generator().manual_seed(0)
+                g = torch.Generator().manual_seed(seed)
                 noise = torch.randn(K, emb.shape[1], generator=g) * 3 * emb[STOI["<z_empty>"]].std()
                 emb[[STOI[t] for t in LATENT_TOKENS[:K]]] = emb[STOI["<z_empty>"]] + noise.to(emb.device)
 
@@ -584,7 +586,7 @@ def main(argv=None):
     base = model_from_checkpoint(base_ckpt, base_path).to(device).eval()
     for p in base.parameters():
         p.requires_grad_(False)
-    fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path).to(device)
+    fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path, seed=cfg.seed).to(device)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
     start_step = 0
     if cfg.resume:
