@@ -195,7 +195,9 @@ def train_probes(features, labels, valid, n_classes, is_train, steps=300, lr=0.0
     """
     One logistic probe per group, all trained at once: features (G, N, d), labels (N,), valid
     (G, N) marks usable samples, is_train (N,) the split. Features are standardised with training
-    statistics. Returns test accuracy per group (G,), NaN where fewer than 10 test samples.
+    statistics. Returns test accuracy per group (G,), NaN where fewer than 10 test samples or
+    fewer than two classes among them (late y-positions where only the longest strategy's traces
+    are still running: accuracy there would be 1.0 and say nothing).
     """
     G, N, d = features.shape
     train_w = (valid & is_train[None]).float()  # (G, N)
@@ -219,7 +221,8 @@ def train_probes(features, labels, valid, n_classes, is_train, steps=300, lr=0.0
         correct = ((Wt @ Xt + b).argmax(1) == target).float()
         n_test = test_w.sum(1)
         acc = (correct * test_w).sum(1) / n_test.clamp(min=1)
-        acc[n_test < 10] = float("nan")
+        classes_present = ((F.one_hot(labels, n_classes).float()[None] * test_w[..., None]).sum(1) > 0).sum(1)
+        acc[(n_test < 10) | (classes_present < 2)] = float("nan")
     return acc
 
 

@@ -82,16 +82,28 @@ def test_local_coverage_hand_built():
     assert math.isclose(mean, (1 + 1 / 3) / 2) and full == 0.5
 
 
-def test_probes_separable_and_shuffled():
-    """Class c has mean 6 e_c in 16-d: a probe scores ~1; with shuffled labels, ~chance (1/3)."""
-    g = torch.Generator().manual_seed(0)
-    N, d = 600, 16
+def separable_data(N, d, g):
+    """3 classes, class c with mean 6 e_c in d dimensions; the first third is the test split."""
     labels = torch.randint(0, 3, (N,), generator=g)
     feats = torch.randn(N, d, generator=g) + 6 * torch.nn.functional.one_hot(labels, d).float()
-    is_train = torch.arange(N) >= N // 3
-    valid = torch.ones(2, N, dtype=torch.bool)
+    return feats, labels, torch.arange(N) >= N // 3, torch.ones(2, N, dtype=torch.bool)
+
+
+def test_probes_separable_and_shuffled():
+    """A probe on separable data scores ~1; with shuffled labels, ~chance (1/3)."""
+    g = torch.Generator().manual_seed(0)
+    N = 600
+    feats, labels, is_train, valid = separable_data(N, 16, g)
     shuffled = labels[torch.randperm(N, generator=g)]  # labels no longer depend on the features
     acc = train_probes(torch.stack([feats, feats]), labels, valid, 3, is_train)
     acc_shuffled = train_probes(feats[None], shuffled, valid[:1], 3, is_train)
     assert (acc > 0.99).all()
     assert abs(float(acc_shuffled[0]) - 1 / 3) < 0.1
+
+
+def test_probe_is_undefined_where_one_class_is_left():
+    """A group whose valid test samples all share one strategy (only the longest traces left) is NaN."""
+    feats, labels, is_train, valid = separable_data(300, 8, torch.Generator().manual_seed(0))
+    valid[1] = labels == 2  # group 1: only strategy 2 still has a token at this position
+    acc = train_probes(torch.stack([feats, feats]), labels, valid, 3, is_train)
+    assert acc[0] > 0.99 and torch.isnan(acc[1])
