@@ -10,7 +10,7 @@ import torch
 import disentangle as D
 from evaluate import record_log_probs
 from model import GPT, GPTConfig, save_checkpoint
-from tasks import LATENT_TOKENS, VOCAB, get_task
+from tasks import LATENT_TOKENS, STOI, VOCAB, get_task
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,18 @@ def test_exact_reconstruction_equals_a_loop_over_latents(tiny_base):
         # the batched value counts y and </y> <eos>, like record_log_probs
         assert torch.allclose(gen_logp_raw[:, k], loop, atol=1e-4)
     assert torch.allclose(gen_logp, gen_logp_raw)
+
+
+def test_shrinking_latent_noise_returns_the_latents_to_the_base_model(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    task, pairs = grid_pairs()
+    batch = D.make_batch(task, pairs, 3, "cpu")
+    emb, rows = fact.lm.tok_emb.weight, [STOI[t] for t in LATENT_TOKENS[:3]]
+    offsets = (emb[rows] - emb[STOI["<z_empty>"]]).norm(dim=1)
+    fact.shrink_latent_noise(0.5)
+    assert torch.allclose((emb[rows] - emb[STOI["<z_empty>"]]).norm(dim=1), offsets / 2)
+    fact.shrink_latent_noise(0.0)  # every <zk> is now <z_empty>: each latent's y-loss is the no-latent one
+    assert D.init_loss_ratios(fact, fact.lm, batch, D.Config()) == pytest.approx([1.0] * 3, abs=1e-6)
 
 
 def test_elbo_bounds_the_exact_marginal_and_is_tight_at_the_exact_posterior():
