@@ -37,11 +37,11 @@ with --data dgp). The loss, one named function per term:
                              each p_psi renormalised on the base model's support (tokens >= 1%),
                              latents weighted by their posterior given y_<t (--no-jsd-prefix: uniform)
       --posterior-variance   + w mean_d sigma_xi,d^2                  (continuous; tight posteriors)
-    additions beyond the method: a beta schedule (constant, linear warm-up, cyclical) and free
-    bits (the KL term is max(K, free_bits) on the batch mean).
+    additions beyond the method: a beta schedule (constant, linear warm-up, cyclical), free
+    bits (the KL term is max(K, free_bits) on the batch mean) and a cosine learning-rate decay.
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
-        --router-marginal-kl 10 --router-support 0.1          # the README's recipe; CPU, ~7 minutes
+        --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
     python disentangle.py --latent continuous --token-weighted --beta 0.2 \
         --router-marginal-kl 1                                # the continuous recipe (grid)
     python disentangle.py --task sort --k 8                   # more latents than strategies
@@ -66,9 +66,9 @@ from tqdm import tqdm
 
 from evaluate import (alignment_one_to_one, contingency, dgp_samples, generate_ys, generation_metrics,
                       heldout_inputs, local_coverage, split_by_input, train_probes)
-from model import (arg, autocast, check_resume_config, configure_optimizer, load_checkpoint, model_from_checkpoint,
-                   pad_batch, parse_config, pick_device, router_log_probs, run_main, save_checkpoint,
-                   seed_everything, token_log_probs)
+from model import (arg, autocast, check_resume_config, configure_optimizer, learning_rate, load_checkpoint,
+                   model_from_checkpoint, pad_batch, parse_config, pick_device, router_log_probs, run_main,
+                   save_checkpoint, seed_everything, token_log_probs)
 from tasks import PAD, STOI, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +88,9 @@ class Config:
     data: str = arg("model", "where y comes from: model (sampled from the base) or dgp (the true mixture)")
     steps: int = arg(500, "optimisation steps")
     batch_size: int = arg(16, "(x, y) pairs per step")
-    lr: float = arg(5e-4, "AdamW learning rate (constant after warm-up)")
+    lr: float = arg(5e-4, "AdamW learning rate (peak, after a linear warm-up)")
     warmup: int = arg(50, "learning-rate warm-up steps")
+    lr_decay: bool = arg(False, "cosine-decay the learning rate to lr/10 at the last step (off: constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     samples: int = arg(4, "continuous: reparameterised samples S per pair")
@@ -654,7 +655,7 @@ def main(argv=None):
     for step in bar:
         pairs = training_pairs(task, base, cfg, step, device)
         batch = make_batch(task, pairs, K, device)
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        lr = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps, decay=cfg.lr_decay)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, cfg.bf16):

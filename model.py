@@ -276,6 +276,16 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def learning_rate(step, peak, warmup, total, decay=True):
+    """Linear warm-up to peak, then constant or (decay) cosine decay to peak / 10 at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if not decay:
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; otherwise the named device (ValueError if absent)."""
     if name == "auto":

@@ -27,7 +27,6 @@ Writes runs/<task>/base/: ckpt.pt, config.json, log.jsonl, metrics.json, probes.
 """
 
 import json
-import math
 import os
 import random
 import sys
@@ -38,9 +37,9 @@ import torch
 from tqdm import tqdm
 
 from evaluate import base_metrics, first_decodable_position, probe_grid, save_probe_snapshot
-from model import (GPT, GPTConfig, arg, autocast, check_resume_config, configure_optimizer, load_checkpoint,
-                   model_from_checkpoint, pad_batch, parse_config, pick_device, run_main, save_checkpoint,
-                   seed_everything, token_log_probs)
+from model import (GPT, GPTConfig, arg, autocast, check_resume_config, configure_optimizer, learning_rate,
+                   load_checkpoint, model_from_checkpoint, pad_batch, parse_config, pick_device, run_main,
+                   save_checkpoint, seed_everything, token_log_probs)
 from tasks import PAD, VOCAB, encode, get_task, prompt_tokens, record_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -123,14 +122,6 @@ class BatchStream:
         return idx, mask, real
 
 
-def lr_at(step, cfg, total):
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr / 10 at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def y_loss(model, idx, mask):
     """Mean negative log-likelihood of the y tokens: -(1/#y) sum_t log p_theta(y_t | x, y_<t)."""
     return -(token_log_probs(model(idx), idx) * mask).sum() / mask.sum()
@@ -208,7 +199,7 @@ def main(argv=None):
     tokens, t0, metrics = 0, time.perf_counter(), {}
     for step in bar:
         idx, mask, real = stream.batch(step, device)
-        lr = lr_at(step, cfg, total_steps)
+        lr = learning_rate(step, cfg.lr, cfg.warmup, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, cfg.bf16):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model import (GPT, CheckpointError, GPTConfig, load_checkpoint, model_from_checkpoint, pad_batch,
-                   router_log_probs, save_checkpoint)
+from model import (GPT, CheckpointError, GPTConfig, learning_rate, load_checkpoint, model_from_checkpoint,
+                   pad_batch, router_log_probs, save_checkpoint)
 
 V, PAD, EOS = 30, 0, 2
 
@@ -94,6 +94,15 @@ def test_pad_batch_marks_targets_after_start():
     idx, mask = pad_batch([[1, 2, 3, 4], [1, 2]], PAD, [2, 1])
     assert idx.tolist() == [[1, 2, 3, 4], [1, 2, 0, 0]]
     assert mask.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_learning_rate_warms_up_then_holds_or_decays_to_a_tenth():
+    assert learning_rate(0, 1.0, warmup=4, total=20) == pytest.approx(0.25)
+    assert learning_rate(3, 1.0, warmup=4, total=20) == pytest.approx(1.0)
+    assert learning_rate(4, 1.0, warmup=4, total=20) == pytest.approx(1.0)
+    assert learning_rate(12, 1.0, warmup=4, total=20) == pytest.approx(0.55)  # half-way: the cosine's midpoint
+    assert learning_rate(20, 1.0, warmup=4, total=20) == pytest.approx(0.1)
+    assert learning_rate(20, 1.0, warmup=4, total=20, decay=False) == 1.0
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
