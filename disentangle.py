@@ -42,8 +42,8 @@ with --data dgp). The loss, one named function per term:
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
-    python disentangle.py --latent continuous --token-weighted --beta 0.2 \
-        --router-marginal-kl 1                                # the continuous recipe (grid)
+    python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
+        --lr-decay --steps 800                                # the continuous recipe (grid)
     python disentangle.py --task sort --k 8                   # more latents than strategies
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json, log.jsonl,
