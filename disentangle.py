@@ -12,7 +12,11 @@ One causal LM, initialised from the base model, is both the router and the gener
                (continuous: <z_empty> in the slot, plus E(z) added to its embedding)
 
 A separate backbone, also initialised from the base model, reads the whole (x, y) record and a
-pooling head (mean over y positions) gives the posterior q_xi(z|x,y): K logits, or (mu, log var).
+pooling head gives the posterior q_xi(z|x,y): K logits, or (mu, log var). It pools the states of
+the y tokens, equally (mean) or, with --posterior-pool entropy, weighted like --token-weighted by
+the base model's entropy when it chose each token: the states where a trace commits to its
+strategy then dominate the pooled vector instead of being averaged with the dozens of tokens
+every strategy writes alike.
 
 Training maximises the conditional ELBO on pairs x ~ task, y ~ p_base(y|x) (or the true mixture
 with --data dgp). The loss, one named function per term:
@@ -42,6 +46,7 @@ with --data dgp). The loss, one named function per term:
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
+                                     # linear equations: the same with --data dgp --steps 1200
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --steps 800                                # the continuous recipe (grid)
     python disentangle.py --task sort --k 8                   # more latents than strategies
@@ -105,6 +110,7 @@ class Config:
     router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "weight latents in the JSD by their posterior given the y prefix (off: uniform)")
+    posterior_pool: str = arg("mean", "how the posterior pools y states: mean, or entropy (weighted like --token-weighted)")
     posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
     eval_interval: int = arg(100, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation")
@@ -117,6 +123,8 @@ class Config:
             raise ValueError(f"--latent must be discrete or continuous, got {self.latent!r}")
         if self.data not in ("model", "dgp"):
             raise ValueError(f"--data must be model or dgp, got {self.data!r}")
+        if self.posterior_pool not in ("mean", "entropy"):
+            raise ValueError(f"--posterior-pool must be mean or entropy, got {self.posterior_pool!r}")
         if self.beta_schedule not in ("constant", "linear", "cyclical"):
             raise ValueError(f"--beta-schedule must be constant, linear or cyclical, got {self.beta_schedule!r}")
         if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
@@ -137,7 +145,7 @@ class Config:
 class Factorization(nn.Module):
     """
     lm:          router p_phi(z|x) and generator p_psi(y|x,z), one causal LM from the base
-    posterior:   a second copy of the base backbone; post_head maps the mean y-state to
+    posterior:   a second copy of the base backbone; post_head maps the pooled y-state to
                  K logits (discrete) or (mu, log sigma^2) (continuous)
     router_head: continuous only, (mu, log sigma^2) of p_phi(z|x) from the LM's state at <z>
     seed:        draws the noise that tells the K latent embeddings apart at step 0
@@ -176,11 +184,11 @@ class Factorization(nn.Module):
         rows = [STOI[t] for t in LATENT_TOKENS[:self.K]]
         emb[rows] = emb[empty] + factor * (emb[rows] - emb[empty])
 
-    def posterior_params(self, idx, y_mask):
-        """Pool the posterior backbone's final states over y positions -> head output (B, out)."""
+    def posterior_params(self, idx, pool_weights):
+        """Pool the posterior backbone's final states with weights (B, T) -> head output (B, out)."""
         _, hidden = self.posterior(idx, return_hidden=True)
         h = self.posterior.ln_f(hidden[:, -1])  # (B, T, d)
-        w = y_mask.float() / y_mask.sum(1, keepdim=True)  # (B, T)
+        w = pool_weights.float() / pool_weights.sum(1, keepdim=True)  # (B, T)
         return self.post_head((h * w.unsqueeze(-1)).sum(1))
 
 
@@ -220,25 +228,45 @@ SUPPORT_THRESHOLD = 0.01  # JSD compares latents on the tokens the base model gi
 
 
 @torch.no_grad()
-def base_token_stats(base, batch, token_weighted):
+def base_token_stats(base, batch):
     """
-    The z-free base model on y. Returns per-token log p_base (B, T-1), its support (B, T-1, V):
-    the tokens it gives at least SUPPORT_THRESHOLD, and two weightings of the
-    y tokens (B, T-1): for recon, 1 everywhere or (token_weighted) w_t = (1 + H_t / mean_t H) / 2;
-    for JSD, 1 everywhere or (token_weighted) H_t / mean_t H. H_t is the base model's predictive
-    entropy: high where the strategy is decided, ~0 where the next token is determined, so JSD
-    rewards latents that differ at decisions rather than latents that write different garbage.
+    The z-free base model on y. Returns per-token log p_base (B, T-1); its support (B, T-1, V):
+    the tokens it gives at least SUPPORT_THRESHOLD; and the entropy share H_t / mean_t H (B, T-1)
+    of each y target. H_t is the base model's predictive entropy: high where the strategy is
+    decided, ~0 where the next token is determined.
     """
     logits = base(batch["base_idx"])
     logp_tok = token_log_probs(logits, batch["base_idx"])
     mask = batch["base_mask"].float()
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     support = logp > math.log(SUPPORT_THRESHOLD)  # tokens the base model finds plausible
-    if not token_weighted:
-        return logp_tok, mask, mask, support
     entropy = -(logp.exp() * logp).sum(-1) * mask  # (B, T-1)
     entropy_share = entropy / (entropy.sum(1, keepdim=True) / mask.sum(1, keepdim=True)).clamp(min=1e-8)
-    return logp_tok, 0.5 * (mask + entropy_share), entropy_share, support
+    return logp_tok, support, entropy_share
+
+
+def token_weights(batch, entropy_share, token_weighted):
+    """
+    Weights of the y targets (B, T-1): for recon, 1 everywhere or (token_weighted)
+    w_t = (1 + H_t / mean_t H) / 2; for JSD, 1 everywhere or (token_weighted) H_t / mean_t H,
+    so JSD rewards latents that differ at decisions rather than latents that write different garbage.
+    """
+    mask = batch["base_mask"].float()
+    if not token_weighted:
+        return mask, mask
+    return 0.5 * (mask + entropy_share), entropy_share
+
+
+def pool_weights(batch, entropy_share, posterior_pool):
+    """
+    Weights (B, T) of the states the posterior pools: the y tokens equally (mean), or (entropy)
+    each y token by (1 + H / mean H) / 2, H the base model's entropy when it chose that token,
+    so the few tokens where a trace commits to its strategy are not averaged away.
+    """
+    weights = batch["y_state_mask"].float()
+    if posterior_pool == "entropy":  # the state at t+1 reads the token chosen at target t
+        weights[:, 1:] = 0.5 * (batch["base_mask"].float() + entropy_share)
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,12 +364,12 @@ def beta_at(step, cfg):
     return cfg.beta
 
 
-def discrete_pass(fact, batch, weights):
+def discrete_pass(fact, batch, weights, pool):
     """
-    All K latents in one batched forward. Returns gen_logits (B*K, T, V), the per-token
-    log-probs (B, K, T-1), log p_psi(y|x,k) raw and
-    with recon weights (B, K), the router log p_phi(k|x) (B, K) with its outside mass (B,), and
-    the posterior log q(k|x,y) (B, K).
+    All K latents in one batched forward, with recon weights (B, T-1) and the posterior's pooling
+    weights pool (B, T). Returns gen_logits (B*K, T, V), the per-token log-probs (B, K, T-1),
+    log p_psi(y|x,k) raw and with recon weights (B, K), the router log p_phi(k|x) (B, K) with its
+    outside mass (B,), and the posterior log q(k|x,y) (B, K).
     """
     B, K = batch["base_idx"].shape[0], fact.K
     gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
@@ -351,18 +379,19 @@ def discrete_pass(fact, batch, weights):
     # the router position precedes the latent token, so any of the K copies gives p_phi(z|x)
     route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
     router_logp, outside = router_log_probs(route_logits, [STOI[t] for t in LATENT_TOKENS[:K]])
-    log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float(), -1)
+    log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], pool).float(), -1)
     return gen_logits, tok, gen_logp_raw, gen_logp, router_logp, outside, log_q
 
 
-def continuous_pass(fact, batch, weights, S):
+def continuous_pass(fact, batch, weights, pool, S):
     """
-    S reparameterised samples z_s = mu_q + sigma_q * eps_s per pair, in one batched forward.
+    S reparameterised samples z_s = mu_q + sigma_q * eps_s per pair, in one batched forward
+    (weights and pool as in discrete_pass).
     Returns (1/S) sum_s log p_psi(y|x,z_s) raw and weighted (B,), posterior (mu, logvar) and
     router (mu, logvar), each (B, dz).
     """
     B = batch["base_idx"].shape[0]
-    mu_q, logvar_q = fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float().chunk(2, dim=-1)
+    mu_q, logvar_q = fact.posterior_params(batch["base_idx"], pool).float().chunk(2, dim=-1)
     eps = torch.randn(B, S, mu_q.shape[-1], device=mu_q.device)  # (B, S, dz)
     z = (mu_q[:, None] + (0.5 * logvar_q[:, None]).exp() * eps).reshape(B * S, -1)  # (B*S, dz)
     gen_idx = batch["base_idx"].repeat_interleave(S, dim=0)  # (B*S, T)
@@ -382,11 +411,13 @@ def objective(fact, base, batch, cfg, beta):
     The loss J = recon + beta * kl + aux for one batch, and a dict of every term (raw and
     weighted) for logging. Discrete latents are enumerated exactly; continuous ones sampled.
     """
-    base_logp, weights, jsd_weights, support = base_token_stats(base, batch, cfg.token_weighted)
+    base_logp, support, entropy_share = base_token_stats(base, batch)
+    weights, jsd_weights = token_weights(batch, entropy_share, cfg.token_weighted)
+    pool = pool_weights(batch, entropy_share, cfg.posterior_pool)
     base_recon = -(base_logp * weights).sum(-1)  # (B,) the z-free baseline's (weighted) y-loss
     logs, aux = {}, {}
     if cfg.latent == "discrete":
-        gen_logits, tok, gen_logp_raw, gen_logp, router_logp, outside, log_q = discrete_pass(fact, batch, weights)
+        gen_logits, tok, gen_logp_raw, gen_logp, router_logp, outside, log_q = discrete_pass(fact, batch, weights, pool)
         q = log_q.exp()
         recon, raw_recon = recon_loss(q, gen_logp), recon_loss(q, gen_logp_raw)
         kl = categorical_kl(log_q, router_logp)
@@ -406,7 +437,7 @@ def objective(fact, base, batch, cfg, beta):
                      **{f"usage/router_z{k + 1}": v for k, v in enumerate(router_logp.exp().mean(0).tolist())},
                      **{f"usage/posterior_z{k + 1}": v for k, v in enumerate(q.mean(0).tolist())}})
     else:
-        gen_logp_raw, gen_logp, mu_q, logvar_q, mu_p, logvar_p = continuous_pass(fact, batch, weights, cfg.samples)
+        gen_logp_raw, gen_logp, mu_q, logvar_q, mu_p, logvar_p = continuous_pass(fact, batch, weights, pool, cfg.samples)
         recon, raw_recon = -gen_logp, -gen_logp_raw
         kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
         if cfg.posterior_variance:
@@ -466,18 +497,19 @@ def router_distribution(fact, task, xs):
 
 
 @torch.no_grad()
-def posterior_of(fact, task, pairs):
+def posterior_of(fact, base, task, pairs, posterior_pool):
     """q(z|x,y) for pairs: probabilities (N, K), or (mu, logvar) (N, dz) each."""
     device = fact.lm.tok_emb.weight.device
     out = []
     for i in range(0, len(pairs), 256):
         batch = make_batch(task, pairs[i:i + 256], 0, device)
-        out.append(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float().cpu())
+        pool = pool_weights(batch, base_token_stats(base, batch)[2], posterior_pool)
+        out.append(fact.posterior_params(batch["base_idx"], pool).float().cpu())
     out = torch.cat(out)
     return F.softmax(out, -1) if fact.latent == "discrete" else tuple(out.chunk(2, dim=-1))
 
 
-def evaluate_factorization(fact, task, cfg, seed):
+def evaluate_factorization(fact, base, task, cfg, seed):
     """Every stage-2 metric on held-out inputs, plus the snapshot arrays for the figures."""
     fact.eval()
     xs = heldout_inputs(task, cfg.eval_inputs, seed)
@@ -501,7 +533,7 @@ def evaluate_factorization(fact, task, cfg, seed):
         metrics["controlled_answer_accuracy"] = sum(
             task.check(x, y).correct for ys in ys_per_latent for x, y in zip(xs, ys) if y is not None) / (K * len(xs))
         metrics["contingency"] = C.tolist()
-        q = posterior_of(fact, task, [(x, y) for x, _, y in samples])  # (N, K)
+        q = posterior_of(fact, base, task, [(x, y) for x, _, y in samples], cfg.posterior_pool)  # (N, K)
         q_argmax = q.argmax(-1)
         Cq = torch.zeros(K, len(task.strategies))
         Cq.index_put_((q_argmax, labels), torch.ones(len(labels)), accumulate=True)
@@ -517,7 +549,7 @@ def evaluate_factorization(fact, task, cfg, seed):
         keep = [i for i, s in enumerate(sampled_labels) if len(s) == 1]
         z_labels = torch.tensor([task.strategies.index(next(iter(sampled_labels[i]))) for i in keep])
         metrics["sampled_z_probe_acc"] = linear_probe_accuracy(task, [xs[i] for i in keep], z[keep], z_labels)
-        mu_q, logvar_q = posterior_of(fact, task, [(x, y) for x, _, y in samples])
+        mu_q, logvar_q = posterior_of(fact, base, task, [(x, y) for x, _, y in samples], cfg.posterior_pool)
         sample_xs = [x for x, _, _ in samples]
         metrics["posterior_mu_probe_acc"] = linear_probe_accuracy(task, sample_xs, mu_q, labels)
         metrics["posterior_sampled_gap"] = metrics["posterior_mu_probe_acc"] - metrics["sampled_z_probe_acc"]
@@ -629,7 +661,7 @@ def main(argv=None):
     log = open(log_path, "a")
 
     def evaluate_and_snapshot(step):
-        metrics, snap = evaluate_factorization(fact, task, cfg, cfg.seed)
+        metrics, snap = evaluate_factorization(fact, base, task, cfg, cfg.seed)
         save_snapshot(os.path.join(out, "posterior.npz"), step, snap)
         log.write(json.dumps({"step": step, **metrics}) + "\n")
         log.flush()

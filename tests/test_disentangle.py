@@ -39,7 +39,7 @@ def test_exact_reconstruction_equals_a_loop_over_latents(tiny_base):
     task, pairs = grid_pairs()
     batch = D.make_batch(task, pairs, 3, "cpu")
     weights = batch["base_mask"].float()
-    _, _, gen_logp_raw, gen_logp, *_ = D.discrete_pass(fact, batch, weights)
+    _, _, gen_logp_raw, gen_logp, *_ = D.discrete_pass(fact, batch, weights, batch["y_state_mask"])
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     for k in range(3):
         loop = record_log_probs(fact.lm, task, xs, ys, latent_tokens=[LATENT_TOKENS[k]] * len(xs))
@@ -105,6 +105,17 @@ def test_auxiliary_terms_hand_checked():
     assert float(D.gaussian_marginal_kl_loss(torch.zeros(8, 3), torch.zeros(8, 3))) == pytest.approx(0.0)
 
 
+def test_entropy_pooling_weights_the_tokens_where_the_base_model_chose():
+    # record <bos> a b c with y = (b, c): targets 1, 2 are y; the base model's entropy share is
+    # 2 when it chose b and 0 when it chose c (c was determined)
+    batch = {"y_state_mask": torch.tensor([[False, False, True, True]]),
+             "base_mask": torch.tensor([[False, True, True]])}
+    share = torch.tensor([[0.0, 2.0, 0.0]])
+    assert D.pool_weights(batch, share, "mean").tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    # the state reading b (position 2) gets (1 + 2) / 2, the state reading c (1 + 0) / 2
+    assert D.pool_weights(batch, share, "entropy").tolist() == [[0.0, 0.0, 1.5, 0.5]]
+
+
 def test_beta_schedules():
     cfg = D.Config(beta=2.0, beta_warmup=10)
     cfg.beta_schedule = "linear"
@@ -122,7 +133,7 @@ def test_posterior_entropy_flag_lowers_posterior_entropy(tiny_base):
 
     def entropy():
         with torch.no_grad():
-            log_q = D.discrete_pass(fact, batch, batch["base_mask"].float())[-1]
+            log_q = D.discrete_pass(fact, batch, batch["base_mask"].float(), batch["y_state_mask"])[-1]
         return float(D.posterior_entropy_loss(log_q).mean())
 
     before = entropy()
@@ -145,7 +156,7 @@ def test_reparameterised_recon_matches_a_per_sample_loop(tiny_base):
     S = 16
     torch.manual_seed(1)
     with torch.no_grad():
-        gen_logp_raw, _, mu_q, logvar_q, _, _ = D.continuous_pass(fact, batch, batch["base_mask"].float(), S)
+        gen_logp_raw, _, mu_q, logvar_q, _, _ = D.continuous_pass(fact, batch, batch["base_mask"].float(), batch["y_state_mask"], S)
     torch.manual_seed(1)
     eps = torch.randn(len(pairs), S, mu_q.shape[-1])  # the same noise, one sample at a time
     per_sample = []
@@ -211,7 +222,8 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
             "--steps", "4", "--batch-size", "4", "--eval-interval", "2", "--eval-inputs", "12", "--dz", "4",
             "--samples", "2", "--device", "cpu", "--token-weighted", "--normalized-recon", "--jsd", "0.1",
             "--posterior-entropy", "0.1", "--router-support", "0.1", "--router-marginal-kl", "0.1",
-            "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear"]
+            "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear",
+            "--posterior-pool", "entropy"]
     assert D.main(args) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     ratios = log[0]["init/y_loss_ratio"]
