@@ -503,7 +503,8 @@ def posterior_of(fact, base, task, pairs, posterior_pool):
     out = []
     for i in range(0, len(pairs), 256):
         batch = make_batch(task, pairs[i:i + 256], 0, device)
-        pool = pool_weights(batch, base_token_stats(base, batch)[2], posterior_pool)
+        share = base_token_stats(base, batch)[2] if posterior_pool == "entropy" else None  # mean: no base pass
+        pool = pool_weights(batch, share, posterior_pool)
         out.append(fact.posterior_params(batch["base_idx"], pool).float().cpu())
     out = torch.cat(out)
     return F.softmax(out, -1) if fact.latent == "discrete" else tuple(out.chunk(2, dim=-1))
