@@ -42,7 +42,13 @@ with --data dgp). The loss, one named function per term:
                              latents weighted by their posterior given y_<t (--no-jsd-prefix: uniform)
       --posterior-variance   + w mean_d sigma_xi,d^2                  (continuous; tight posteriors)
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical), free
-    bits (the KL term is max(K, free_bits) on the batch mean) and a cosine learning-rate decay.
+    bits (the KL term is max(K, free_bits) on the batch mean), a cosine learning-rate decay, and
+    --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
+    steps of the first half, two latents that decode alike and together hold the most posterior
+    mass (so they mix strategies) have the pairs they share split between them along the top
+    principal direction of the posterior's features, and the posterior is frozen for N/2 steps:
+    the two generators learn from the split's assignment before the ELBO, symmetric between two
+    identical latents, can pull the posterior back.
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
@@ -61,7 +67,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -110,6 +116,7 @@ class Config:
     router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "weight latents in the JSD by their posterior given the y prefix (off: uniform)")
+    split_twins: int = arg(0, "discrete: every N steps of the first half, split two latents that decode alike (choose_split; 0: off)")
     posterior_pool: str = arg("mean", "how the posterior pools y states: mean, or entropy (weighted like --token-weighted)")
     posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
     eval_interval: int = arg(100, "steps between evaluations, checkpoints and posterior snapshots")
@@ -132,6 +139,8 @@ class Config:
         for name in ("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.split_twins < 0:
+            raise ValueError(f"--split-twins must be >= 0, got {self.split_twins}")
         for name in ("beta", "free_bits", "posterior_entropy", "router_support", "router_marginal_kl", "jsd",
                      "posterior_variance", "lr", "weight_decay"):
             if getattr(self, name) < 0:
@@ -184,12 +193,33 @@ class Factorization(nn.Module):
         rows = [STOI[t] for t in LATENT_TOKENS[:self.K]]
         emb[rows] = emb[empty] + factor * (emb[rows] - emb[empty])
 
-    def posterior_params(self, idx, pool_weights):
-        """Pool the posterior backbone's final states with weights (B, T) -> head output (B, out)."""
+    @torch.no_grad()
+    def split_posterior(self, a, b, features, weights, margin=1.0):
+        """
+        Send the pairs latents a and b share to one or the other (discrete), along the top principal
+        direction u of their pooled posterior features (N, d), each pair weighted (N,) by q_a + q_b:
+        the logit rows become their mean +- (margin / std) u, so the logits of a and b differ by
+        2 margin at one standard deviation from the mean. The split of divisive clustering.
+        """
+        w = weights.to(features.device) / weights.sum()
+        mean = (w[:, None] * features).sum(0)  # (d,)
+        u = torch.linalg.svd((features - mean) * w.sqrt()[:, None], full_matrices=False)[2][0]  # (d,)
+        scale = margin / ((w * ((features - mean) @ u) ** 2).sum().sqrt() + 1e-8)
+        post = self.post_head
+        row, bias = (post.weight[a] + post.weight[b]) / 2, (post.bias[a] + post.bias[b]) / 2
+        post.weight[a], post.weight[b] = row + scale * u, row - scale * u
+        post.bias[a], post.bias[b] = bias - scale * (mean @ u), bias + scale * (mean @ u)
+
+    def posterior_features(self, idx, pool_weights):
+        """Pool the posterior backbone's final states with weights (B, T) -> (B, d)."""
         _, hidden = self.posterior(idx, return_hidden=True)
         h = self.posterior.ln_f(hidden[:, -1])  # (B, T, d)
         w = pool_weights.float() / pool_weights.sum(1, keepdim=True)  # (B, T)
-        return self.post_head((h * w.unsqueeze(-1)).sum(1))
+        return (h * w.unsqueeze(-1)).sum(1)
+
+    def posterior_params(self, idx, pool_weights):
+        """The posterior head on the pooled states: (B, out), K logits or (mu, log sigma^2)."""
+        return self.post_head(self.posterior_features(idx, pool_weights))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,17 +527,57 @@ def router_distribution(fact, task, xs):
 
 
 @torch.no_grad()
-def posterior_of(fact, base, task, pairs, posterior_pool):
-    """q(z|x,y) for pairs: probabilities (N, K), or (mu, logvar) (N, dz) each."""
+def posterior_of(fact, base, task, pairs, posterior_pool, features=False):
+    """q(z|x,y) for pairs: probabilities (N, K), or (mu, logvar) (N, dz) each; with features, also the pooled states (N, d)."""
     device = fact.lm.tok_emb.weight.device
-    out = []
+    pooled = []
     for i in range(0, len(pairs), 256):
         batch = make_batch(task, pairs[i:i + 256], 0, device)
         share = base_token_stats(base, batch)[2] if posterior_pool == "entropy" else None  # mean: no base pass
-        pool = pool_weights(batch, share, posterior_pool)
-        out.append(fact.posterior_params(batch["base_idx"], pool).float().cpu())
-    out = torch.cat(out)
-    return F.softmax(out, -1) if fact.latent == "discrete" else tuple(out.chunk(2, dim=-1))
+        pooled.append(fact.posterior_features(batch["base_idx"], pool_weights(batch, share, posterior_pool)))
+    pooled = torch.cat(pooled)
+    out = fact.post_head(pooled).float().cpu()
+    out = F.softmax(out, -1) if fact.latent == "discrete" else tuple(out.chunk(2, dim=-1))
+    return (out, pooled) if features else out
+
+
+TWIN_AGREEMENT = 0.5  # two latents whose greedy decodes coincide on half the inputs are twins
+
+
+def choose_split(agreement, usage):
+    """
+    Which latents to split, for the trap of two latents that write the same mixture of strategies.
+    From the (K, K) share of inputs on which two latents' greedy decodes coincide and each
+    latent's posterior mass (K,): the most alike pair (i, j), if they are twins (alike on at least
+    TWIN_AGREEMENT of inputs), some other latent decodes differently from both (the latents have
+    begun to specialise), and the twins together hold more mass than any other latent, i.e. they
+    share more than one strategy. Otherwise None.
+    """
+    K = len(usage)
+    i, j = max(((i, j) for i in range(K) for j in range(i + 1, K)), key=lambda ij: agreement[ij[0]][ij[1]])
+    others = [k for k in range(K) if max(agreement[k][i], agreement[k][j]) < TWIN_AGREEMENT]
+    if agreement[i][j] < TWIN_AGREEMENT or not others or max(usage[k] for k in others) > usage[i] + usage[j]:
+        return None
+    return i, j
+
+
+@torch.no_grad()
+def split_twins(fact, base, task, cfg, step, n_inputs=128):
+    """
+    choose_split on n_inputs fresh training pairs, then split_posterior: the pairs the twins
+    share go to one or the other, so they learn from different traces. Returns a dict for the log.
+    """
+    pairs = training_pairs(task, base, replace(cfg, batch_size=n_inputs), -2 - step, fact.lm.tok_emb.weight.device)
+    xs = [x for x, _ in pairs]
+    ys = [generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k]] * len(xs), temperature=0.0) for k in range(fact.K)]
+    fact.train()  # generate_ys leaves the model in eval mode
+    agreement = [[sum(a is not None and a == b for a, b in zip(ys[i], ys[j])) / len(xs) for j in range(fact.K)]
+                 for i in range(fact.K)]
+    q, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, K), (N, d)
+    twins = choose_split(agreement, q.mean(0).tolist())
+    if twins is not None:
+        fact.split_posterior(*twins, features, q[:, twins[0]] + q[:, twins[1]])
+    return {"split/agreement": agreement, "split/usage": q.mean(0).tolist(), "split/twins": twins}
 
 
 def evaluate_factorization(fact, base, task, cfg, seed):
@@ -646,13 +716,13 @@ def main(argv=None):
         p.requires_grad_(False)
     fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path, seed=cfg.seed).to(device)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
-    start_step = 0
+    start_step, posterior_frozen_until = 0, 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task_name)
         check_resume_config(ckpt["train_config"], asdict(cfg))
         fact.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
+        start_step, posterior_frozen_until = ckpt["step"], ckpt.get("posterior_frozen_until", 0)
         torch.set_rng_state(ckpt["torch_rng"])
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
@@ -695,9 +765,20 @@ def main(argv=None):
             loss, logs = objective(fact, base, batch, cfg, beta_at(step, cfg))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step < posterior_frozen_until:  # after a split the generators learn from its assignment
+            for p in [*fact.posterior.parameters(), *fact.post_head.parameters()]:
+                p.grad = None
         torch.nn.utils.clip_grad_norm_(fact.parameters(), cfg.grad_clip)
         optimizer.step()
         done = step + 1
+        if K > 2 and cfg.split_twins and done % cfg.split_twins == 0 and done <= cfg.steps // 2:
+            split = split_twins(fact, base, task, cfg, done)
+            if split["split/twins"] is not None:
+                i, j = split["split/twins"]
+                posterior_frozen_until = done + cfg.split_twins // 2
+                tqdm.write(f"step {done}: z{i + 1} and z{j + 1} decode alike; their pairs split between them, "
+                           f"posterior frozen to step {posterior_frozen_until}")
+            log.write(json.dumps({"step": done, **split}) + "\n")
         if done % cfg.log_interval == 0 or done == cfg.steps:
             bar.set_postfix(loss=f"{logs['loss/total']:.3f}", kl=f"{logs['loss/kl']:.3f}")
             log.write(json.dumps({"step": done, "lr": lr, **logs}) + "\n")
@@ -705,7 +786,8 @@ def main(argv=None):
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             metrics = evaluate_and_snapshot(done)
             save_checkpoint(ckpt_path, fact, VOCAB, task_name, optimizer=optimizer.state_dict(),
-                            train_config=asdict(cfg), step=done, torch_rng=torch.get_rng_state())
+                            train_config=asdict(cfg), step=done, torch_rng=torch.get_rng_state(),
+                            posterior_frozen_until=posterior_frozen_until)
             summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
             tqdm.write(f"step {done}: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
     if metrics:

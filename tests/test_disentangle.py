@@ -215,6 +215,30 @@ def test_jsd_flag_separates_latents(tiny_base):
     assert train(100.0) > 4 * train(0.0)
 
 
+def test_choose_split_finds_twins_that_mix_strategies():
+    twins = [[1, 0.0, 0.02], [0.0, 1, 0.95], [0.02, 0.95, 1]]  # z2 and z3 decode alike, z1 differently
+    assert D.choose_split(twins, [0.25, 0.38, 0.37]) == (1, 2)  # together they hold two strategies' mass
+    assert D.choose_split(twins, [0.69, 0.20, 0.11]) is None  # they share one strategy; z1 holds two
+    assert D.choose_split([[1, 0.0, 0.1], [0.0, 1, 0.3], [0.1, 0.3, 1]], [0.3, 0.4, 0.3]) is None  # no twins
+    assert D.choose_split([[1, 0.9, 0.8], [0.9, 1, 0.95], [0.8, 0.95, 1]], [0.3, 0.4, 0.3]) is None  # all alike
+    four = [[1, 0.9, 0, 0], [0.9, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert D.choose_split(four, [0.3, 0.3, 0.2, 0.2]) == (0, 1)
+
+
+def test_split_posterior_sends_two_clusters_to_two_latents(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    side = torch.tensor([1.0, -1.0]).repeat(50)  # (100,) two clusters along `direction`
+    features = 0.3 * torch.randn(100, 32, generator=g) + 3 * side[:, None] * direction + 1.0
+    fact.split_posterior(0, 2, features, torch.ones(100), margin=1.0)
+    with torch.no_grad():
+        logits = fact.post_head(features)
+    gap = logits[:, 0] - logits[:, 2]
+    assert ((gap > 0) == (side > 0)).all() or ((gap > 0) == (side < 0)).all()
+    assert float(gap.std(unbiased=False)) == pytest.approx(2.0, rel=1e-3)  # 2 margin at one std
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
 def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     out = tmp_path / latent
@@ -223,12 +247,13 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
             "--samples", "2", "--device", "cpu", "--token-weighted", "--normalized-recon", "--jsd", "0.1",
             "--posterior-entropy", "0.1", "--router-support", "0.1", "--router-marginal-kl", "0.1",
             "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear",
-            "--posterior-pool", "entropy"]
+            "--posterior-pool", "entropy", "--split-twins", "2"]
     assert D.main(args) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     ratios = log[0]["init/y_loss_ratio"]
     assert all(abs(r - 1) < 0.05 for r in ratios)  # starts where the base model is
     assert any("loss/total" in r for r in log)
+    assert any("split/agreement" in r for r in log) == (latent == "discrete")  # the twin check ran
     metrics = json.load(open(out / "metrics.json"))
     key = "alignment_one_to_one" if latent == "discrete" else "sampled_z_probe_acc"
     assert key in metrics
