@@ -201,7 +201,8 @@ class Factorization(nn.Module):
         the logit rows become their mean +- (margin / std) u, so the logits of a and b differ by
         2 margin at one standard deviation from the mean. The split of divisive clustering.
         """
-        w = weights.to(features.device) / weights.sum()
+        w = weights.to(features.device)
+        w = w / w.sum()  # (N,)
         mean = (w[:, None] * features).sum(0)  # (d,)
         u = torch.linalg.svd((features - mean) * w.sqrt()[:, None], full_matrices=False)[2][0]  # (d,)
         scale = margin / ((w * ((features - mean) @ u) ** 2).sum().sqrt() + 1e-8)
@@ -541,45 +542,6 @@ def posterior_of(fact, base, task, pairs, posterior_pool, features=False):
     return (out, pooled) if features else out
 
 
-TWIN_AGREEMENT = 0.5  # two latents whose greedy decodes coincide on half the inputs are twins
-
-
-def choose_split(agreement, usage):
-    """
-    Which latents to split, for the trap of two latents that write the same mixture of strategies.
-    From the (K, K) share of inputs on which two latents' greedy decodes coincide and each
-    latent's posterior mass (K,): the most alike pair (i, j), if they are twins (alike on at least
-    TWIN_AGREEMENT of inputs), some other latent decodes differently from both (the latents have
-    begun to specialise), and the twins together hold more mass than any other latent, i.e. they
-    share more than one strategy. Otherwise None.
-    """
-    K = len(usage)
-    i, j = max(((i, j) for i in range(K) for j in range(i + 1, K)), key=lambda ij: agreement[ij[0]][ij[1]])
-    others = [k for k in range(K) if max(agreement[k][i], agreement[k][j]) < TWIN_AGREEMENT]
-    if agreement[i][j] < TWIN_AGREEMENT or not others or max(usage[k] for k in others) > usage[i] + usage[j]:
-        return None
-    return i, j
-
-
-@torch.no_grad()
-def split_twins(fact, base, task, cfg, step, n_inputs=128):
-    """
-    choose_split on n_inputs fresh training pairs, then split_posterior: the pairs the twins
-    share go to one or the other, so they learn from different traces. Returns a dict for the log.
-    """
-    pairs = training_pairs(task, base, replace(cfg, batch_size=n_inputs), -2 - step, fact.lm.tok_emb.weight.device)
-    xs = [x for x, _ in pairs]
-    ys = [generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k]] * len(xs), temperature=0.0) for k in range(fact.K)]
-    fact.train()  # generate_ys leaves the model in eval mode
-    agreement = [[sum(a is not None and a == b for a, b in zip(ys[i], ys[j])) / len(xs) for j in range(fact.K)]
-                 for i in range(fact.K)]
-    q, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, K), (N, d)
-    twins = choose_split(agreement, q.mean(0).tolist())
-    if twins is not None:
-        fact.split_posterior(*twins, features, q[:, twins[0]] + q[:, twins[1]])
-    return {"split/agreement": agreement, "split/usage": q.mean(0).tolist(), "split/twins": twins}
-
-
 def evaluate_factorization(fact, base, task, cfg, seed):
     """Every stage-2 metric on held-out inputs, plus the snapshot arrays for the figures."""
     fact.eval()
@@ -674,6 +636,50 @@ def save_snapshot(path, step, snap):
     tmp = path + ".tmp.npz"
     np.savez(tmp, **data)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting twin latents (--split-twins): a move between gradient steps
+
+
+TWIN_AGREEMENT = 0.5  # two latents whose greedy decodes coincide on half the inputs are twins
+
+
+def choose_split(agreement, usage):
+    """
+    Which latents to split, for the trap of two latents that write the same mixture of strategies.
+    From the (K, K) share of inputs on which two latents' greedy decodes coincide and each
+    latent's posterior mass (K,): the most alike pair (i, j), if they are twins (alike on at least
+    TWIN_AGREEMENT of inputs), some other latent decodes differently from both (the latents have
+    begun to specialise), and the twins together hold more mass than any other latent, i.e. they
+    share more than one strategy. Otherwise None.
+    """
+    K = len(usage)
+    i, j = max(((i, j) for i in range(K) for j in range(i + 1, K)), key=lambda ij: agreement[ij[0]][ij[1]])
+    others = [k for k in range(K) if max(agreement[k][i], agreement[k][j]) < TWIN_AGREEMENT]
+    if agreement[i][j] < TWIN_AGREEMENT or not others or max(usage[k] for k in others) > usage[i] + usage[j]:
+        return None
+    return i, j
+
+
+@torch.no_grad()
+def split_twins(fact, base, task, cfg, step, n_inputs=128):
+    """
+    choose_split on n_inputs fresh training pairs, then split_posterior: the pairs the twins
+    share go to one or the other, so they learn from different traces. Returns a dict for the log.
+    """
+    pairs = training_pairs(task, base, replace(cfg, batch_size=n_inputs), -2 - step, fact.lm.tok_emb.weight.device)
+    xs = [x for x, _ in pairs]
+    ys = [generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k]] * len(xs), temperature=0.0) for k in range(fact.K)]
+    fact.train()  # generate_ys leaves the model in eval mode
+    agreement = [[sum(a is not None and a == b for a, b in zip(ys[i], ys[j])) / len(xs) for j in range(fact.K)]
+                 for i in range(fact.K)]
+    q, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, K), (N, d)
+    usage = q.mean(0).tolist()
+    twins = choose_split(agreement, usage)
+    if twins is not None:
+        fact.split_posterior(*twins, features, q[:, twins[0]] + q[:, twins[1]])
+    return {"split/agreement": agreement, "split/usage": usage, "split/twins": twins}
 
 
 # ----------------------------------------------------------------------------------------------
