@@ -44,15 +44,17 @@ with --data dgp). The loss, one named function per term:
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical), free
     bits (the KL term is max(K, free_bits) on the batch mean), a cosine learning-rate decay, and
     --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
-    steps of the first half, two latents that decode alike and together hold the most posterior
-    mass (so they mix strategies) have the pairs they share split between them along the top
-    principal direction of the posterior's features, and the posterior is frozen for N/2 steps:
-    the two generators learn from the split's assignment before the ELBO, symmetric between two
+    steps of the first half, if two latents decode alike, the posterior mass that mixes
+    strategies (the pair's own, or a heavier third latent's) is split in two along the top
+    principal direction of the posterior's features, each half to a latent of its own (a twin on
+    a single strategy leaves it to the other), and the posterior is frozen for N/2 steps:
+    the generators learn from the split's assignment before the ELBO, symmetric between two
     identical latents, can pull the posterior back.
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
                                      # linear equations: the same with --data dgp --steps 1200
+                                     # addition: the same plus --split-twins 100
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --steps 800                                # the continuous recipe (grid)
     python disentangle.py --task sort --k 8                   # more latents than strategies
@@ -116,7 +118,7 @@ class Config:
     router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "weight latents in the JSD by their posterior given the y prefix (off: uniform)")
-    split_twins: int = arg(0, "discrete: every N steps of the first half, split two latents that decode alike (choose_split; 0: off)")
+    split_twins: int = arg(0, "discrete: every N steps of the first half, split the mass that latents decoding alike leave mixed (choose_split; 0: off)")
     posterior_pool: str = arg("mean", "how the posterior pools y states: mean, or entropy (weighted like --token-weighted)")
     posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
     eval_interval: int = arg(100, "steps between evaluations, checkpoints and posterior snapshots")
@@ -194,20 +196,27 @@ class Factorization(nn.Module):
         emb[rows] = emb[empty] + factor * (emb[rows] - emb[empty])
 
     @torch.no_grad()
-    def split_posterior(self, a, b, features, weights, margin=1.0):
+    def split_posterior(self, a, b, features, weights, start_from, margin=1.0):
         """
-        Send the pairs latents a and b share to one or the other (discrete), along the top principal
-        direction u of their pooled posterior features (N, d), each pair weighted (N,) by q_a + q_b:
-        the logit rows become their mean +- (margin / std) u, so the logits of a and b differ by
-        2 margin at one standard deviation from the mean. The split of divisive clustering.
+        Send a cluster of pairs to latent a or b (discrete), along the top principal direction u
+        of their pooled posterior features (N, d), each pair weighted (N,) by the cluster's mass
+        in [0, 1]: the logit rows of a and b become the mean row of the latents `start_from` (those
+        that held the cluster) +- (margin / std) u, so the logits of a and b differ by 2 margin at
+        one standard deviation from the mean. The split of divisive clustering. u is first made
+        orthogonal to the difference between the rest of the pairs and the cluster, so the pairs
+        other latents hold are not flung to a or b by a direction fitted on the cluster alone.
         """
         w = weights.to(features.device)
+        rest = 1 - w
         w = w / w.sum()  # (N,)
         mean = (w[:, None] * features).sum(0)  # (d,)
         u = torch.linalg.svd((features - mean) * w.sqrt()[:, None], full_matrices=False)[2][0]  # (d,)
+        if rest.sum() > 1e-3:
+            gap = F.normalize((rest[:, None] * features).sum(0) / rest.sum() - mean, dim=0)  # (d,)
+            u = F.normalize(u - (u @ gap) * gap, dim=0)
         scale = margin / ((w * ((features - mean) @ u) ** 2).sum().sqrt() + 1e-8)
         post = self.post_head
-        row, bias = (post.weight[a] + post.weight[b]) / 2, (post.bias[a] + post.bias[b]) / 2
+        row, bias = post.weight[list(start_from)].mean(0), post.bias[list(start_from)].mean(0)
         post.weight[a], post.weight[b] = row + scale * u, row - scale * u
         post.bias[a], post.bias[b] = bias - scale * (mean @ u), bias + scale * (mean @ u)
 
@@ -647,26 +656,34 @@ TWIN_AGREEMENT = 0.5  # two latents whose greedy decodes coincide on half the in
 
 def choose_split(agreement, usage):
     """
-    Which latents to split, for the trap of two latents that write the same mixture of strategies.
-    From the (K, K) share of inputs on which two latents' greedy decodes coincide and each
-    latent's posterior mass (K,): the most alike pair (i, j), if they are twins (alike on at least
-    TWIN_AGREEMENT of inputs), some other latent decodes differently from both (the latents have
-    begun to specialise), and the twins together hold more mass than any other latent, i.e. they
-    share more than one strategy. Otherwise None.
+    Which posterior mass to split, and between which two latents, for the traps of two latents that
+    decode alike. From the (K, K) share of inputs on which two latents' greedy decodes coincide and
+    each latent's posterior mass (K,): take the most alike pair (i, j); if they are twins (alike on
+    at least TWIN_AGREEMENT of inputs) and some other latent decodes differently from both (the
+    latents have begun to specialise), one latent holds more than one strategy's mass:
+      - mixed twins, the pair holds more mass than any other latent (it shares two strategies):
+        split the pair's mass between i and j;
+      - pure twins, another latent m holds more (the pair shares one strategy, m mixes two): split
+        m's mass between m and the lighter twin, which leaves its strategy to the other twin.
+    Returns (a, b, cluster), the latents whose mass is split between a and b, or None.
     """
     K = len(usage)
     i, j = max(((i, j) for i in range(K) for j in range(i + 1, K)), key=lambda ij: agreement[ij[0]][ij[1]])
     others = [k for k in range(K) if max(agreement[k][i], agreement[k][j]) < TWIN_AGREEMENT]
-    if agreement[i][j] < TWIN_AGREEMENT or not others or max(usage[k] for k in others) > usage[i] + usage[j]:
+    if agreement[i][j] < TWIN_AGREEMENT or not others:
         return None
-    return i, j
+    m = max(others, key=lambda k: usage[k])
+    if usage[i] + usage[j] >= usage[m]:
+        return i, j, (i, j)
+    return m, min((i, j), key=lambda k: usage[k]), (m,)
 
 
 @torch.no_grad()
 def split_twins(fact, base, task, cfg, step, n_inputs=128):
     """
-    choose_split on n_inputs fresh training pairs, then split_posterior: the pairs the twins
-    share go to one or the other, so they learn from different traces. Returns a dict for the log.
+    choose_split on n_inputs fresh training pairs, then split_posterior: the pairs of the mass
+    being split go to one latent or the other, so the two learn from different traces. Returns a
+    dict for the log.
     """
     pairs = training_pairs(task, base, replace(cfg, batch_size=n_inputs), -2 - step, fact.lm.tok_emb.weight.device)
     xs = [x for x, _ in pairs]
@@ -676,10 +693,11 @@ def split_twins(fact, base, task, cfg, step, n_inputs=128):
                  for i in range(fact.K)]
     q, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, K), (N, d)
     usage = q.mean(0).tolist()
-    twins = choose_split(agreement, usage)
-    if twins is not None:
-        fact.split_posterior(*twins, features, q[:, twins[0]] + q[:, twins[1]])
-    return {"split/agreement": agreement, "split/usage": usage, "split/twins": twins}
+    move = choose_split(agreement, usage)
+    if move is not None:
+        a, b, cluster = move
+        fact.split_posterior(a, b, features, q[:, list(cluster)].sum(1), start_from=cluster)
+    return {"split/agreement": agreement, "split/usage": usage, "split/move": move}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,10 +797,11 @@ def main(argv=None):
         done = step + 1
         if K > 2 and cfg.split_twins and done % cfg.split_twins == 0 and done <= cfg.steps // 2:
             split = split_twins(fact, base, task, cfg, done)
-            if split["split/twins"] is not None:
-                i, j = split["split/twins"]
+            if split["split/move"] is not None:
+                a, b, cluster = split["split/move"]
                 posterior_frozen_until = done + cfg.split_twins // 2
-                tqdm.write(f"step {done}: z{i + 1} and z{j + 1} decode alike; their pairs split between them, "
+                held = " and ".join(f"z{k + 1}" for k in cluster)
+                tqdm.write(f"step {done}: the pairs {held} held split between z{a + 1} and z{b + 1}, "
                            f"posterior frozen to step {posterior_frozen_until}")
             log.write(json.dumps({"step": done, **split}) + "\n")
         if done % cfg.log_interval == 0 or done == cfg.steps:

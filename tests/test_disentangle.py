@@ -215,14 +215,15 @@ def test_jsd_flag_separates_latents(tiny_base):
     assert train(100.0) > 4 * train(0.0)
 
 
-def test_choose_split_finds_twins_that_mix_strategies():
+def test_choose_split_finds_the_latent_that_mixes_strategies():
     twins = [[1, 0.0, 0.02], [0.0, 1, 0.95], [0.02, 0.95, 1]]  # z2 and z3 decode alike, z1 differently
-    assert D.choose_split(twins, [0.25, 0.38, 0.37]) == (1, 2)  # together they hold two strategies' mass
-    assert D.choose_split(twins, [0.69, 0.20, 0.11]) is None  # they share one strategy; z1 holds two
+    assert D.choose_split(twins, [0.25, 0.38, 0.37]) == (1, 2, (1, 2))  # mixed twins: two strategies' mass
+    assert D.choose_split(twins, [0.69, 0.20, 0.11]) == (0, 2, (0,))  # pure twins: z1 holds two, z3 is lighter
     assert D.choose_split([[1, 0.0, 0.1], [0.0, 1, 0.3], [0.1, 0.3, 1]], [0.3, 0.4, 0.3]) is None  # no twins
     assert D.choose_split([[1, 0.9, 0.8], [0.9, 1, 0.95], [0.8, 0.95, 1]], [0.3, 0.4, 0.3]) is None  # all alike
     four = [[1, 0.9, 0, 0], [0.9, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
-    assert D.choose_split(four, [0.3, 0.3, 0.2, 0.2]) == (0, 1)
+    assert D.choose_split(four, [0.3, 0.3, 0.2, 0.2]) == (0, 1, (0, 1))
+    assert D.choose_split(four, [0.1, 0.2, 0.5, 0.2]) == (2, 0, (2,))
 
 
 def test_split_posterior_sends_two_clusters_to_two_latents(tiny_base):
@@ -231,12 +232,32 @@ def test_split_posterior_sends_two_clusters_to_two_latents(tiny_base):
     direction = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
     side = torch.tensor([1.0, -1.0]).repeat(50)  # (100,) two clusters along `direction`
     features = 0.3 * torch.randn(100, 32, generator=g) + 3 * side[:, None] * direction + 1.0
-    fact.split_posterior(0, 2, features, torch.ones(100), margin=1.0)
+    for start_from in [(0, 2), (1,)]:  # the two latents' own mass, or another latent's
+        with torch.no_grad():
+            held = fact.post_head(features)[:, list(start_from)].mean(1)  # (100,)
+        fact.split_posterior(0, 2, features, torch.ones(100), start_from=start_from, margin=1.0)
+        with torch.no_grad():
+            logits = fact.post_head(features)
+        gap = logits[:, 0] - logits[:, 2]
+        assert ((gap > 0) == (side > 0)).all() or ((gap > 0) == (side < 0)).all()
+        assert float(gap.std(unbiased=False)) == pytest.approx(2.0, rel=1e-3)  # 2 margin at one std
+        assert torch.allclose((logits[:, 0] + logits[:, 2]) / 2, held, atol=1e-5)  # centred where they were
+
+
+def test_split_posterior_leaves_other_latents_pairs_alone(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    g = torch.Generator().manual_seed(0)
+    direction, away = torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=1)
+    away = torch.nn.functional.normalize(away - (away @ direction) * direction, dim=0)
+    side = torch.tensor([1.0, -1.0]).repeat(50)  # (100,) the cluster to split, two halves
+    cluster = 0.3 * torch.randn(100, 32, generator=g) + 3 * side[:, None] * direction
+    other = 0.3 * torch.randn(50, 32, generator=g) + 12 * away + 6 * direction  # held by another latent
+    features = torch.cat([cluster, other])  # (150, d)
+    fact.split_posterior(0, 2, features, torch.cat([torch.ones(100), torch.zeros(50)]), start_from=(0,))
     with torch.no_grad():
-        logits = fact.post_head(features)
-    gap = logits[:, 0] - logits[:, 2]
-    assert ((gap > 0) == (side > 0)).all() or ((gap > 0) == (side < 0)).all()
-    assert float(gap.std(unbiased=False)) == pytest.approx(2.0, rel=1e-3)  # 2 margin at one std
+        gap = fact.post_head(features)[:, 0] - fact.post_head(features)[:, 2]
+    assert ((gap[:100] > 0) == (side > 0)).all() or ((gap[:100] > 0) == (side < 0)).all()
+    assert float(gap[100:].abs().mean()) < 0.5 < float(gap[:100].abs().mean())  # the other pairs stay centred
 
 
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
