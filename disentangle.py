@@ -538,7 +538,10 @@ def router_distribution(fact, task, xs):
 
 @torch.no_grad()
 def posterior_of(fact, base, task, pairs, posterior_pool, features=False):
-    """q(z|x,y) for pairs: probabilities (N, K), or (mu, logvar) (N, dz) each; with features, also the pooled states (N, d)."""
+    """
+    q(z|x,y) for pairs: probabilities (N, K), or (mu, logvar) (N, dz) each; with features, also
+    the pooled states (N, d) the posterior head reads.
+    """
     device = fact.lm.tok_emb.weight.device
     pooled = []
     for i in range(0, len(pairs), 256):
@@ -688,10 +691,10 @@ def split_twins(fact, base, task, cfg, step, n_inputs=128):
     pairs = training_pairs(task, base, replace(cfg, batch_size=n_inputs), -2 - step, fact.lm.tok_emb.weight.device)
     xs = [x for x, _ in pairs]
     ys = [generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k]] * len(xs), temperature=0.0) for k in range(fact.K)]
-    fact.train()  # generate_ys leaves the model in eval mode
     agreement = [[sum(a is not None and a == b for a, b in zip(ys[i], ys[j])) / len(xs) for j in range(fact.K)]
                  for i in range(fact.K)]
     q, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, K), (N, d)
+    fact.train()  # generate_ys left the model in eval mode, which the posterior above is read in
     usage = q.mean(0).tolist()
     move = choose_split(agreement, usage)
     if move is not None:
