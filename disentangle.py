@@ -44,10 +44,11 @@ with --data dgp). The loss, one named function per term:
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical), free
     bits (the KL term is max(K, free_bits) on the batch mean), a cosine learning-rate decay, and
     --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
-    steps of the first half, if two latents decode alike, the posterior mass that mixes
-    strategies (the pair's own, or a heavier third latent's) is split in two along the top
-    principal direction of the posterior's features, each half to a latent of its own (a twin on
-    a single strategy leaves it to the other), and the posterior is frozen for N/2 steps:
+    steps of the first half, if two latents decode alike (or one holds no posterior mass), the
+    posterior mass that mixes strategies (the pair's own, or the heaviest other latent's) is
+    split in two along the top principal direction of the posterior's features, each half to a
+    latent of its own (a twin on a single strategy, or a dead latent, takes half of a third
+    latent's mass, starting as that latent's copy), and the posterior is frozen for N/2 steps:
     the generators learn from the split's assignment before the ELBO, symmetric between two
     identical latents, can pull the posterior back.
 
@@ -194,6 +195,12 @@ class Factorization(nn.Module):
         emb, empty = self.lm.tok_emb.weight, STOI["<z_empty>"]
         rows = [STOI[t] for t in LATENT_TOKENS[:self.K]]
         emb[rows] = emb[empty] + factor * (emb[rows] - emb[empty])
+
+    @torch.no_grad()
+    def copy_latent(self, source, target):
+        """<z_target> takes <z_source>'s embedding: the generator decodes alike under both (discrete)."""
+        emb = self.lm.tok_emb.weight
+        emb[STOI[LATENT_TOKENS[target]]] = emb[STOI[LATENT_TOKENS[source]]]
 
     @torch.no_grad()
     def split_posterior(self, a, b, features, weights, start_from, margin=1.0):
@@ -655,30 +662,42 @@ def save_snapshot(path, step, snap):
 
 
 TWIN_AGREEMENT = 0.5  # two latents whose greedy decodes coincide on half the inputs are twins
+TWIN_MARGIN = 0.25  # a third latent stands apart from twins that coincide this much more often
+DEAD_USAGE = 0.02  # a latent with less posterior mass than this learns from no pairs
 
 
 def choose_split(agreement, usage):
     """
-    Which posterior mass to split, and between which two latents, for the traps of two latents that
-    decode alike. From the (K, K) share of inputs on which two latents' greedy decodes coincide and
-    each latent's posterior mass (K,): take the most alike pair (i, j); if they are twins (alike on
-    at least TWIN_AGREEMENT of inputs) and some other latent decodes differently from both (the
-    latents have begun to specialise), one latent holds more than one strategy's mass:
-      - mixed twins, the pair holds more mass than any other latent (it shares two strategies):
+    Which posterior mass to split, and between which two latents, for the traps in which a latent
+    holds more than one strategy. From the (K, K) share of inputs on which two latents' greedy
+    decodes coincide and each latent's posterior mass (K,): take the most alike pair (i, j); if
+    they are twins (alike on at least TWIN_AGREEMENT of inputs) and some other latent stands apart
+    from both (alike on less than TWIN_AGREEMENT, or TWIN_MARGIN less than the twins: the latents
+    have begun to specialise), one latent holds more than one strategy's mass:
+      - mixed twins, the pair holds more mass than any latent apart (it shares two strategies):
         split the pair's mass between i and j;
-      - pure twins, another latent m holds more (the pair shares one strategy, m mixes two): split
-        m's mass between m and the lighter twin, which leaves its strategy to the other twin.
+      - pure twins, a latent m apart holds more (the pair shares one strategy, m mixes two):
+        split m's mass between m and the lighter twin, which leaves its strategy to the other twin.
+    Without twins, a dead latent (posterior mass under DEAD_USAGE) leaves its strategy to another:
+    split the heaviest latent's mass between it and the dead one. (split_twins makes the latent
+    that takes half of a third latent's mass that latent's copy first.)
     Returns (a, b, cluster), the latents whose mass is split between a and b, or None.
     """
     K = len(usage)
     i, j = max(((i, j) for i in range(K) for j in range(i + 1, K)), key=lambda ij: agreement[ij[0]][ij[1]])
-    others = [k for k in range(K) if max(agreement[k][i], agreement[k][j]) < TWIN_AGREEMENT]
-    if agreement[i][j] < TWIN_AGREEMENT or not others:
-        return None
-    m = max(others, key=lambda k: usage[k])
-    if usage[i] + usage[j] >= usage[m]:
-        return i, j, (i, j)
-    return m, min((i, j), key=lambda k: usage[k]), (m,)
+    twins = agreement[i][j]
+    apart = [k for k in range(K) if k not in (i, j)
+             and max(agreement[k][i], agreement[k][j]) < max(TWIN_AGREEMENT, twins - TWIN_MARGIN)]
+    if twins >= TWIN_AGREEMENT and apart:
+        m = max(apart, key=lambda k: usage[k])
+        if usage[i] + usage[j] >= usage[m]:
+            return i, j, (i, j)
+        return m, min((i, j), key=lambda k: usage[k]), (m,)
+    dead = min(range(K), key=lambda k: usage[k])
+    if usage[dead] < DEAD_USAGE:
+        m = max(range(K), key=lambda k: usage[k])
+        return m, dead, (m,)
+    return None
 
 
 @torch.no_grad()
@@ -699,6 +718,8 @@ def split_twins(fact, base, task, cfg, step, n_inputs=128):
     move = choose_split(agreement, usage)
     if move is not None:
         a, b, cluster = move
+        if cluster == (a,):  # b takes half of a's mass: it starts as a's twin, as good on it as a
+            fact.copy_latent(a, b)
         fact.split_posterior(a, b, features, q[:, list(cluster)].sum(1), start_from=cluster)
     return {"split/agreement": agreement, "split/usage": usage, "split/move": move}
 

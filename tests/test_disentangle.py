@@ -60,6 +60,18 @@ def test_shrinking_latent_noise_returns_the_latents_to_the_base_model(tiny_base)
     assert D.init_loss_ratios(fact, fact.lm, batch, D.Config()) == pytest.approx([1.0] * 3, abs=1e-6)
 
 
+def test_copy_latent_makes_the_generator_decode_alike_under_both(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    task, pairs = grid_pairs()
+    batch = D.make_batch(task, pairs, 3, "cpu")
+    gen_logp_raw = D.discrete_pass(fact, batch, batch["base_mask"].float(), batch["y_state_mask"])[2]  # (B, K)
+    assert not torch.allclose(gen_logp_raw[:, 0], gen_logp_raw[:, 2])
+    fact.copy_latent(0, 2)
+    gen_logp_raw = D.discrete_pass(fact, batch, batch["base_mask"].float(), batch["y_state_mask"])[2]
+    assert torch.allclose(gen_logp_raw[:, 0], gen_logp_raw[:, 2])
+    assert not torch.allclose(gen_logp_raw[:, 0], gen_logp_raw[:, 1])
+
+
 def test_elbo_bounds_the_exact_marginal_and_is_tight_at_the_exact_posterior():
     g = torch.Generator().manual_seed(0)
     log_p = torch.log_softmax(torch.randn(5, 4, generator=g), -1)  # router
@@ -224,6 +236,9 @@ def test_choose_split_finds_the_latent_that_mixes_strategies():
     four = [[1, 0.9, 0, 0], [0.9, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     assert D.choose_split(four, [0.3, 0.3, 0.2, 0.2]) == (0, 1, (0, 1))
     assert D.choose_split(four, [0.1, 0.2, 0.5, 0.2]) == (2, 0, (2,))
+    near = [[1, 0.6, 0.65, 0.6], [0.6, 1, 0.6, 0.6], [0.65, 0.6, 1, 0.95], [0.6, 0.6, 0.95, 1]]
+    assert D.choose_split(near, [0.4, 0.3, 0.2, 0.1]) == (0, 3, (0,))  # apart by the margin, not below 0.5
+    assert D.choose_split([[1, 0.0, 0.0], [0.0, 1, 0.3], [0.0, 0.3, 1]], [0.61, 0.01, 0.38]) == (0, 1, (0,))  # dead z2
 
 
 def test_split_posterior_sends_two_clusters_to_two_latents(tiny_base):
