@@ -679,8 +679,8 @@ def choose_split(agreement, usage):
       - pure twins, a latent m apart holds more (the pair shares one strategy, m mixes two):
         split m's mass between m and the lighter twin, which leaves its strategy to the other twin.
     Without twins, a dead latent (posterior mass under DEAD_USAGE) leaves its strategy to another:
-    split the heaviest latent's mass between it and the dead one. (split_twins makes the latent
-    that takes half of a third latent's mass that latent's copy first.)
+    split the heaviest latent's mass between it and the dead one. When b takes half of a's own
+    mass (cluster == (a,)), split_twins first makes b a copy of a.
     Returns (a, b, cluster), the latents whose mass is split between a and b, or None.
     """
     K = len(usage)
