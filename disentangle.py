@@ -42,7 +42,11 @@ with --data dgp). The loss, one named function per term:
                              latents weighted by their posterior given y_<t (--no-jsd-prefix: uniform)
       --posterior-variance   + w mean_d sigma_xi,d^2                  (continuous; tight posteriors)
     additions beyond the method: a beta schedule (constant, linear warm-up, cyclical), free
-    bits (the KL term is max(K, free_bits) on the batch mean), a cosine learning-rate decay, and
+    bits (the KL term is max(K, free_bits) on the batch mean), a cosine learning-rate decay,
+    --cluster-init M, a k-means start (cluster_posterior): the posterior head begins as K
+    clusters of the posterior backbone's pooled features, found on their top M principal
+    components scaled to unit variance, and stays on them for --cluster-hold steps while the
+    generators learn them (the backbone stays frozen throughout), and
     --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
     steps of the first half, if two latents decode alike (or one holds no posterior mass), the
     posterior mass that mixes strategies (the pair's own, or the heaviest other latent's) is
@@ -55,7 +59,8 @@ with --data dgp). The loss, one named function per term:
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
                                      # linear equations: the same with --data dgp --steps 1200
-                                     # addition: the same plus --split-twins 100
+                                     # addition: the same plus --cluster-init 16
+                                     # sorting: the same plus --cluster-init 24
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --steps 800                                # the continuous recipe (grid)
     python disentangle.py --task sort --k 8                   # more latents than strategies
@@ -119,6 +124,8 @@ class Config:
     router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "weight latents in the JSD by their posterior given the y prefix (off: uniform)")
+    cluster_init: int = arg(0, "discrete: start the posterior head from k-means on this many whitened principal components of the posterior backbone's pooled features, and keep that backbone frozen (0: off)")
+    cluster_hold: int = arg(100, "with --cluster-init: steps the posterior stays on the clusters while the generators learn them")
     split_twins: int = arg(0, "discrete: every N steps of the first half, split the mass that latents decoding alike leave mixed (choose_split; 0: off)")
     posterior_pool: str = arg("mean", "how the posterior pools y states: mean, or entropy (weighted like --token-weighted)")
     posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
@@ -142,8 +149,13 @@ class Config:
         for name in ("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.split_twins < 0:
-            raise ValueError(f"--split-twins must be >= 0, got {self.split_twins}")
+        for name in ("split_twins", "cluster_init", "cluster_hold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.cluster_init and self.latent != "discrete":
+            raise ValueError("--cluster-init is for discrete latents")
+        if self.cluster_init > CLUSTER_PAIRS // 4:
+            raise ValueError(f"--cluster-init must be at most {CLUSTER_PAIRS // 4}, got {self.cluster_init}")
         for name in ("beta", "free_bits", "posterior_entropy", "router_support", "router_marginal_kl", "jsd",
                      "posterior_variance", "lr", "weight_decay"):
             if getattr(self, name) < 0:
@@ -226,6 +238,18 @@ class Factorization(nn.Module):
         row, bias = post.weight[list(start_from)].mean(0), post.bias[list(start_from)].mean(0)
         post.weight[a], post.weight[b] = row + scale * u, row - scale * u
         post.bias[a], post.bias[b] = bias - scale * (mean @ u), bias + scale * (mean @ u)
+
+    @torch.no_grad()
+    def posterior_from_centroids(self, centroids, whiten, mean, temperature=1.0):
+        """
+        Set the posterior head to a mixture of Gaussians of variance `temperature` at centroids
+        (K, m) in the whitened feature space z = (f - mean) @ whiten, whiten (d, m):
+        logit_k = -|z - c_k|^2 / (2 temperature) up to a term shared by every k, that is
+        (z . c_k - |c_k|^2 / 2) / temperature, linear in the pooled features f.
+        """
+        weight = centroids @ whiten.T  # (K, d)
+        self.post_head.weight.copy_(weight / temperature)
+        self.post_head.bias.copy_((-0.5 * (centroids ** 2).sum(1) - weight @ mean) / temperature)
 
     def posterior_features(self, idx, pool_weights):
         """Pool the posterior backbone's final states with weights (B, T) -> (B, d)."""
@@ -658,6 +682,63 @@ def save_snapshot(path, step, snap):
 
 
 # ----------------------------------------------------------------------------------------------
+# Starting from clusters (--cluster-init): k-means before the first gradient step
+
+
+CLUSTER_PAIRS = 512  # training pairs the step-0 clustering sees
+CLUSTER_CONFIDENCE = 0.9  # mean max q(z|x,y) of the clustered posterior: sure, yet not saturated
+KMEANS_RESTARTS, KMEANS_ITERS = 10, 100
+
+
+def kmeans(points, K, generator):
+    """Lloyd's algorithm on points (N, m) from KMEANS_RESTARTS random starts: the centroids (K, m)
+    of the run with the least within-cluster sum of squares."""
+    best, best_inertia = None, float("inf")
+    for _ in range(KMEANS_RESTARTS):
+        centroids = points[torch.randperm(len(points), generator=generator)[:K]]  # (K, m)
+        for _ in range(KMEANS_ITERS):
+            assign = torch.cdist(points, centroids).argmin(1)  # (N,)
+            centroids = torch.stack([points[assign == k].mean(0) if (assign == k).any() else centroids[k]
+                                     for k in range(K)])
+        inertia = torch.cdist(points, centroids).min(1).values.pow(2).sum().item()
+        if inertia < best_inertia:
+            best, best_inertia = centroids, inertia
+    return best
+
+
+@torch.no_grad()
+def cluster_posterior(fact, base, task, cfg):
+    """
+    The posterior starts from K clusters of CLUSTER_PAIRS training pairs: k-means on the top
+    cfg.cluster_init principal components of the pooled posterior features, each scaled to unit
+    variance. The largest directions of the features follow the input (its numbers, its length);
+    whitened, the few directions along which the traces fall into groups count as much, and
+    the groups are the strategies where the base model's states tell them apart. The head's
+    temperature makes the mean largest q(z|x,y) CLUSTER_CONFIDENCE: a saturated softmax would
+    pass the ELBO no gradient, and the pairs the clustering got wrong could never move. Returns
+    the share of pairs in each cluster, for the log.
+    """
+    device = fact.lm.tok_emb.weight.device
+    pairs = training_pairs(task, base, replace(cfg, batch_size=CLUSTER_PAIRS), -1_000_000, device)
+    _, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, d)
+    mean = features.mean(0)  # (d,)
+    _, singular, basis = torch.linalg.svd(features - mean, full_matrices=False)
+    m = cfg.cluster_init
+    whiten = basis[:m].T * (len(features) ** 0.5 / singular[:m])  # (d, m): unit variance per component
+    points = (features - mean) @ whiten  # (N, m)
+    centroids = kmeans(points, fact.K, torch.Generator().manual_seed(cfg.seed))
+    sq_dist = torch.cdist(points, centroids) ** 2  # (N, K)
+    lo, hi = -8.0, 8.0  # bisect log temperature: the confidence falls as the temperature rises
+    for _ in range(40):
+        log_t = (lo + hi) / 2
+        confident = F.softmax(-sq_dist / (2 * math.exp(log_t)), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
+        lo, hi = (log_t, hi) if confident else (lo, log_t)
+    fact.posterior_from_centroids(centroids, whiten, mean, temperature=math.exp(lo))
+    assign = fact.post_head(features).argmax(1)
+    return (torch.bincount(assign, minlength=fact.K).float() / len(assign)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
 # Splitting twin latents (--split-twins): a move between gradient steps
 
 
@@ -763,6 +844,8 @@ def main(argv=None):
     for p in base.parameters():
         p.requires_grad_(False)
     fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path, seed=cfg.seed).to(device)
+    if cfg.cluster_init:  # the clusters live in the base model's features: keep them, train the head
+        fact.posterior.requires_grad_(False)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
     start_step, posterior_frozen_until = 0, 0
     if cfg.resume:
@@ -797,6 +880,12 @@ def main(argv=None):
         tqdm.write(f"step 0: y-loss per latent / base y-loss = {[round(r, 4) for r in ratio]}"
                    + (f" (latent noise x{noise_scale:g})" if noise_scale < 1 else ""))
         log.write(json.dumps({"step": 0, "init/y_loss_ratio": ratio, "init/noise_scale": noise_scale}) + "\n")
+        if cfg.cluster_init:
+            shares = cluster_posterior(fact, base, task, cfg)
+            posterior_frozen_until = cfg.cluster_hold
+            tqdm.write(f"step 0: posterior from k-means, cluster shares {[round(v, 2) for v in shares]}, "
+                       f"frozen to step {posterior_frozen_until}")
+            log.write(json.dumps({"step": 0, "init/cluster_shares": shares}) + "\n")
         metrics = evaluate_and_snapshot(0)
 
     fact.train()
@@ -823,7 +912,7 @@ def main(argv=None):
             split = split_twins(fact, base, task, cfg, done)
             if split["split/move"] is not None:
                 a, b, cluster = split["split/move"]
-                posterior_frozen_until = done + cfg.split_twins // 2
+                posterior_frozen_until = max(posterior_frozen_until, done + cfg.split_twins // 2)
                 held = " and ".join(f"z{k + 1}" for k in cluster)
                 tqdm.write(f"step {done}: the pairs {held} held split between z{a + 1} and z{b + 1}, "
                            f"posterior frozen to step {posterior_frozen_until}")

@@ -3,6 +3,8 @@
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -275,6 +277,31 @@ def test_split_posterior_leaves_other_latents_pairs_alone(tiny_base):
     assert float(gap[100:].abs().mean()) < 0.5 < float(gap[:100].abs().mean())  # the other pairs stay centred
 
 
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    points = torch.cat([c + 0.5 * torch.randn(40, 2, generator=g) for c in centres])  # (120, 2)
+    found = D.kmeans(points, 3, torch.Generator().manual_seed(0))
+    nearest = torch.cdist(centres, found).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1, 2]  # one centroid per cluster
+    assert torch.allclose(found[nearest], centres, atol=0.3)
+
+
+def test_posterior_from_centroids_is_a_gaussian_mixture(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    g = torch.Generator().manual_seed(0)
+    features, mean = torch.randn(20, 32, generator=g), torch.randn(32, generator=g)
+    whiten, centroids = torch.randn(32, 5, generator=g), torch.randn(3, 5, generator=g)
+    z = (features - mean) @ whiten  # (20, 5)
+    for temperature in (1.0, 4.0):
+        fact.posterior_from_centroids(centroids, whiten, mean, temperature)
+        with torch.no_grad():
+            logits = fact.post_head(features)  # (20, 3)
+        expected = -0.5 * torch.cdist(z, centroids) ** 2 / temperature
+        gaps = logits - logits[:, :1]  # the posterior sees logits up to a shared term
+        assert torch.allclose(gaps, expected - expected[:, :1], atol=1e-3)
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
 def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     out = tmp_path / latent
@@ -284,12 +311,27 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
             "--posterior-entropy", "0.1", "--router-support", "0.1", "--router-marginal-kl", "0.1",
             "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear",
             "--posterior-pool", "entropy", "--split-twins", "2"]
+    if latent == "discrete":
+        args += ["--cluster-init", "4", "--cluster-hold", "2"]
     assert D.main(args) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     ratios = log[0]["init/y_loss_ratio"]
     assert all(abs(r - 1) < 0.05 for r in ratios)  # starts where the base model is
     assert any("loss/total" in r for r in log)
     assert any("split/agreement" in r for r in log) == (latent == "discrete")  # the twin check ran
+    assert any("init/cluster_shares" in r for r in log) == (latent == "discrete")
     metrics = json.load(open(out / "metrics.json"))
     key = "alignment_one_to_one" if latent == "discrete" else "sampled_z_probe_acc"
     assert key in metrics
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latent", "continuous", "--cluster-init", "8"], "--cluster-init is for discrete latents"),
+    (["--cluster-init", "500"], "--cluster-init must be at most 128"),
+    (["--split-twins", "-1"], "--split-twins must be >= 0"),
+])
+def test_user_errors_are_one_clear_line(tiny_base, tmp_path, args, message):
+    command = [sys.executable, "disentangle.py", "--base", str(tiny_base), "--out", str(tmp_path / "run"), *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
