@@ -135,7 +135,7 @@ class Config:
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     bf16: bool = arg(False, "bf16 autocast (CUDA only)")
 
-    def validate(self, n_strategies):
+    def validate(self, n_strategies, width):
         if self.latent not in ("discrete", "continuous"):
             raise ValueError(f"--latent must be discrete or continuous, got {self.latent!r}")
         if self.data not in ("model", "dgp"):
@@ -154,8 +154,8 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.cluster_init and self.latent != "discrete":
             raise ValueError("--cluster-init is for discrete latents")
-        if self.cluster_init > CLUSTER_PAIRS // 4:
-            raise ValueError(f"--cluster-init must be at most {CLUSTER_PAIRS // 4}, got {self.cluster_init}")
+        if self.cluster_init > width:  # there are no more principal components than feature dimensions
+            raise ValueError(f"--cluster-init must be at most the model width {width}, got {self.cluster_init}")
         for name in ("beta", "free_bits", "posterior_entropy", "router_support", "router_marginal_kl", "jsd",
                      "posterior_variance", "lr", "weight_decay"):
             if getattr(self, name) < 0:
@@ -714,9 +714,9 @@ def cluster_posterior(fact, base, task, cfg):
     variance. The largest directions of the features follow the input (its numbers, its length);
     whitened, the few directions along which the traces fall into groups count as much, and
     the groups are the strategies where the base model's states tell them apart. The head's
-    temperature makes the mean largest q(z|x,y) CLUSTER_CONFIDENCE: a saturated softmax would
-    pass the ELBO no gradient, and the pairs the clustering got wrong could never move. Returns
-    the share of pairs in each cluster, for the log.
+    temperature makes the mean largest q(z|x,y) CLUSTER_CONFIDENCE: a saturated softmax passes
+    the ELBO almost no gradient for the pairs the clustering got wrong. Returns the share of
+    pairs in each cluster, for the log.
     """
     device = fact.lm.tok_emb.weight.device
     pairs = training_pairs(task, base, replace(cfg, batch_size=CLUSTER_PAIRS), -1_000_000, device)
@@ -833,7 +833,7 @@ def main(argv=None):
     base_path = os.path.join(base_dir, "ckpt.pt")
     base_ckpt = load_checkpoint(base_path, vocab=VOCAB, task=task_name)
     task = get_task(task_name, **base_ckpt.get("task_options", {}))
-    cfg.validate(len(task.strategies))
+    cfg.validate(len(task.strategies), base_ckpt["model_config"]["n_embd"])
     K = (cfg.k or len(task.strategies)) if cfg.latent == "discrete" else 0
     out = cfg.out or os.path.join("runs", task_name, cfg.latent)
     device = pick_device(cfg.device)

@@ -302,6 +302,17 @@ def test_posterior_from_centroids_is_a_gaussian_mixture(tiny_base):
         assert torch.allclose(gaps, expected - expected[:, :1], atol=1e-3)
 
 
+def test_cluster_posterior_starts_confident_but_not_saturated(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    cfg = D.Config(data="dgp", cluster_init=4)
+    shares = D.cluster_posterior(fact, None, get_task("grid"), cfg)
+    assert sum(shares) == pytest.approx(1.0) and len(shares) == 3
+    pairs = D.training_pairs(get_task("grid"), None, D.replace(cfg, batch_size=D.CLUSTER_PAIRS), -1_000_000, "cpu")
+    q = D.posterior_of(fact, None, get_task("grid"), pairs, "mean")  # (N, K), the clustered pairs
+    assert float(q.max(1).values.mean()) == pytest.approx(D.CLUSTER_CONFIDENCE, abs=1e-3)
+    assert torch.bincount(q.argmax(1), minlength=3).div(len(q)).tolist() == pytest.approx(shares)
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
 def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     out = tmp_path / latent
@@ -327,7 +338,7 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
 
 @pytest.mark.parametrize("args, message", [
     (["--latent", "continuous", "--cluster-init", "8"], "--cluster-init is for discrete latents"),
-    (["--cluster-init", "500"], "--cluster-init must be at most 128"),
+    (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
     (["--split-twins", "-1"], "--split-twins must be >= 0"),
 ])
 def test_user_errors_are_one_clear_line(tiny_base, tmp_path, args, message):
