@@ -45,8 +45,9 @@ with --data dgp). The loss, one named function per term:
     bits (the KL term is max(K, free_bits) on the batch mean), a cosine learning-rate decay,
     --cluster-init M, a k-means start (cluster_posterior): the posterior head begins as K
     clusters of the posterior backbone's pooled features, found on their top M principal
-    components scaled to unit variance, and stays on them for --cluster-hold steps while the
-    generators learn them (the backbone stays frozen throughout), and
+    components scaled to unit variance (continuous: one cluster per strategy, each mapped to a
+    code of its own on one dimension of z), and stays on them for --cluster-hold steps while the generators
+    learn them (the backbone stays frozen throughout), and
     --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
     steps of the first half, if two latents decode alike (or one holds no posterior mass), the
     posterior mass that mixes strategies (the pair's own, or the heaviest other latent's) is
@@ -58,11 +59,12 @@ with --data dgp). The loss, one named function per term:
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
-                                     # linear equations: the same with --data dgp --steps 1200
+                                     # linear equations (and grid, on the present base): + --data dgp --steps 1200
                                      # addition: the same plus --cluster-init 16
                                      # sorting: the same plus --cluster-init 24
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --steps 800                                # the continuous recipe (grid)
+                                     # linear equations: the same plus --cluster-init 16 --data dgp --steps 1200
     python disentangle.py --task sort --k 8                   # more latents than strategies
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json, log.jsonl,
@@ -124,7 +126,7 @@ class Config:
     router_marginal_kl: float = arg(0.0, "weight of KL(batch-mean router || prior)")
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "weight latents in the JSD by their posterior given the y prefix (off: uniform)")
-    cluster_init: int = arg(0, "discrete: start the posterior head from k-means on this many whitened principal components of the posterior backbone's pooled features, and keep that backbone frozen (0: off)")
+    cluster_init: int = arg(0, "start the posterior head from k-means on this many whitened principal components of the posterior backbone's pooled features, and keep that backbone frozen (0: off)")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior stays on the clusters while the generators learn them")
     split_twins: int = arg(0, "discrete: every N steps of the first half, split the mass that latents decoding alike leave mixed (choose_split; 0: off)")
     posterior_pool: str = arg("mean", "how the posterior pools y states: mean, or entropy (weighted like --token-weighted)")
@@ -152,8 +154,9 @@ class Config:
         for name in ("split_twins", "cluster_init", "cluster_hold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.cluster_init and self.latent != "discrete":
-            raise ValueError("--cluster-init is for discrete latents")
+        if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
+            raise ValueError(f"--cluster-init puts {n_strategies} strategies on a simplex: --dz must be at least "
+                             f"{n_strategies - 1}, got {self.dz}")
         if self.cluster_init > width:  # there are no more principal components than feature dimensions
             raise ValueError(f"--cluster-init must be at most the model width {width}, got {self.cluster_init}")
         for name in ("beta", "free_bits", "posterior_entropy", "router_support", "router_marginal_kl", "jsd",
@@ -250,6 +253,21 @@ class Factorization(nn.Module):
         weight = centroids @ whiten.T  # (K, d)
         self.post_head.weight.copy_(weight / temperature)
         self.post_head.bias.copy_((-0.5 * (centroids ** 2).sum(1) - weight @ mean) / temperature)
+
+    @torch.no_grad()
+    def posterior_gaussians_at(self, project, mean, std):
+        """
+        Set the continuous posterior to mu_xi = (f - mean) @ project on the first n dimensions
+        (project (d, n): a linear map of the pooled features f) and 0 on the rest, with
+        sigma_xi = std on those n and 1, the prior's, on the rest.
+        """
+        n = project.shape[1]
+        weight, bias = self.post_head.weight, self.post_head.bias
+        weight.zero_()
+        bias.zero_()
+        weight[:n] = project.T
+        bias[:n] = -mean @ project
+        bias[self.dz:self.dz + n] = 2 * math.log(std)
 
     def posterior_features(self, idx, pool_weights):
         """Pool the posterior backbone's final states with weights (B, T) -> (B, d)."""
@@ -687,6 +705,7 @@ def save_snapshot(path, step, snap):
 
 CLUSTER_PAIRS = 512  # training pairs the step-0 clustering sees
 CLUSTER_CONFIDENCE = 0.9  # mean max q(z|x,y) of the clustered posterior: sure, yet not saturated
+CLUSTER_SPACING, CLUSTER_STD = 3.0, 0.5  # continuous: codes 3 prior sds apart, each 0.5 wide
 KMEANS_RESTARTS, KMEANS_ITERS = 10, 100
 
 
@@ -706,17 +725,30 @@ def kmeans(points, K, generator):
     return best
 
 
+def simplex_vertices(n):
+    """n points (n, n - 1) at distance 1 from each other, centred on the origin."""
+    centred = torch.eye(n) - 1 / n  # the corners of the (n-1)-simplex in R^n, less their mean
+    u, s, _ = torch.linalg.svd(centred)
+    return u[:, :n - 1] * s[:n - 1] / math.sqrt(2)  # the same points in the n-1 dimensions they span
+
+
 @torch.no_grad()
 def cluster_posterior(fact, base, task, cfg):
     """
-    The posterior starts from K clusters of CLUSTER_PAIRS training pairs: k-means on the top
+    The posterior starts from clusters of CLUSTER_PAIRS training pairs: k-means on the top
     cfg.cluster_init principal components of the pooled posterior features, each scaled to unit
     variance. The largest directions of the features follow the input (its numbers, its length);
     whitened, the few directions along which the traces fall into groups count as much, and
-    the groups are the strategies where the base model's states tell them apart. The head's
-    temperature makes the mean largest q(z|x,y) CLUSTER_CONFIDENCE: a saturated softmax passes
-    the ELBO almost no gradient for the pairs the clustering got wrong. Returns the share of
-    pairs in each cluster, for the log.
+    the groups are the strategies where the base model's states tell them apart.
+    Discrete: K clusters, and the head becomes their Gaussian mixture, at the temperature that
+    makes the mean largest q(z|x,y) CLUSTER_CONFIDENCE: a saturated softmax passes the ELBO almost
+    no gradient for the pairs the clustering got wrong.
+    Continuous: one cluster per strategy, each given a corner of a simplex with edge
+    CLUSTER_SPACING in the first C-1 dimensions of z, and mu_xi becomes the least-squares linear
+    map from the pooled features to their cluster's corner, with sigma_xi = CLUSTER_STD: the
+    generator is shown well-separated codes from the first step, instead of means that start
+    together and that a strong decoder never needs to pull apart.
+    Returns the share of pairs in each cluster, for the log.
     """
     device = fact.lm.tok_emb.weight.device
     pairs = training_pairs(task, base, replace(cfg, batch_size=CLUSTER_PAIRS), -1_000_000, device)
@@ -726,16 +758,25 @@ def cluster_posterior(fact, base, task, cfg):
     m = cfg.cluster_init
     whiten = basis[:m].T * (len(features) ** 0.5 / singular[:m])  # (d, m): unit variance per component
     points = (features - mean) @ whiten  # (N, m)
-    centroids = kmeans(points, fact.K, torch.Generator().manual_seed(cfg.seed))
-    sq_dist = torch.cdist(points, centroids) ** 2  # (N, K)
-    lo, hi = -8.0, 8.0  # bisect log temperature: the confidence falls as the temperature rises
-    for _ in range(40):
-        log_t = (lo + hi) / 2
-        confident = F.softmax(-sq_dist / (2 * math.exp(log_t)), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
-        lo, hi = (log_t, hi) if confident else (lo, log_t)
-    fact.posterior_from_centroids(centroids, whiten, mean, temperature=math.exp(lo))
-    assign = fact.post_head(features).argmax(1)
-    return (torch.bincount(assign, minlength=fact.K).float() / len(assign)).tolist()
+    n_clusters = fact.K or len(task.strategies)
+    centroids = kmeans(points, n_clusters, torch.Generator().manual_seed(cfg.seed))  # (C, m)
+    sq_dist = torch.cdist(points, centroids) ** 2  # (N, C)
+    assign = sq_dist.argmin(1)  # (N,)
+    if fact.latent == "discrete":
+        lo, hi = -8.0, 8.0  # bisect log temperature: the confidence falls as the temperature rises
+        for _ in range(40):
+            log_t = (lo + hi) / 2
+            confident = F.softmax(-sq_dist / (2 * math.exp(log_t)), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
+            lo, hi = (log_t, hi) if confident else (lo, log_t)
+        fact.posterior_from_centroids(centroids, whiten, mean, temperature=math.exp(lo))
+    else:
+        corners = CLUSTER_SPACING * simplex_vertices(n_clusters).to(points)  # (C, C-1)
+        targets = corners[assign] - corners[assign].mean(0)  # (N, C-1), centred like the points
+        # the map reads all d feature directions, not just the M the clusters were found on:
+        # held-out traces of one strategy then land closer together (linear: spread 0.30 vs 0.58)
+        fit = torch.linalg.lstsq(features - mean, targets).solution  # (d, C-1)
+        fact.posterior_gaussians_at(fit, mean, CLUSTER_STD)
+    return (torch.bincount(assign, minlength=n_clusters).float() / len(assign)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -313,6 +313,27 @@ def test_cluster_posterior_starts_confident_but_not_saturated(tiny_base):
     assert torch.bincount(q.argmax(1), minlength=3).div(len(q)).tolist() == pytest.approx(shares)
 
 
+def test_simplex_vertices_are_equidistant_and_centred():
+    for n in (2, 3, 5):
+        corners = D.simplex_vertices(n)  # (n, n-1)
+        assert corners.shape == (n, n - 1)
+        assert torch.allclose(torch.cdist(corners, corners), 1 - torch.eye(n), atol=1e-5)
+        assert torch.allclose(corners.mean(0), torch.zeros(n - 1), atol=1e-6)
+
+
+def test_continuous_cluster_posterior_gives_each_cluster_a_corner(tiny_base):
+    fact, _ = tiny_fact(tiny_base, "continuous", K=0)
+    cfg = D.Config(data="dgp", latent="continuous", cluster_init=4, dz=4)
+    shares = D.cluster_posterior(fact, None, get_task("grid"), cfg)
+    assert sum(shares) == pytest.approx(1.0) and len(shares) == 3  # one cluster per strategy
+    pairs = D.training_pairs(get_task("grid"), None, D.replace(cfg, batch_size=D.CLUSTER_PAIRS), -1_000_000, "cpu")
+    mu, logvar = D.posterior_of(fact, None, get_task("grid"), pairs, "mean")  # (N, dz) each
+    std = (0.5 * logvar).exp()
+    assert torch.allclose(std[:, :2], torch.full_like(std[:, :2], D.CLUSTER_STD))  # the simplex's plane
+    assert torch.allclose(std[:, 2:], torch.ones_like(std[:, 2:])) and mu[:, 2:].abs().max() == 0  # the prior
+    assert torch.allclose(mu[:, :2].mean(0), torch.zeros(2), atol=1e-4)  # centred like the corners
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
 def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     out = tmp_path / latent
@@ -322,22 +343,21 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
             "--posterior-entropy", "0.1", "--router-support", "0.1", "--router-marginal-kl", "0.1",
             "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear",
             "--posterior-pool", "entropy", "--split-twins", "2"]
-    if latent == "discrete":
-        args += ["--cluster-init", "4", "--cluster-hold", "2"]
+    args += ["--cluster-init", "4", "--cluster-hold", "2"]
     assert D.main(args) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     ratios = log[0]["init/y_loss_ratio"]
     assert all(abs(r - 1) < 0.05 for r in ratios)  # starts where the base model is
     assert any("loss/total" in r for r in log)
     assert any("split/agreement" in r for r in log) == (latent == "discrete")  # the twin check ran
-    assert any("init/cluster_shares" in r for r in log) == (latent == "discrete")
+    assert any("init/cluster_shares" in r for r in log)
     metrics = json.load(open(out / "metrics.json"))
     key = "alignment_one_to_one" if latent == "discrete" else "sampled_z_probe_acc"
     assert key in metrics
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--latent", "continuous", "--cluster-init", "8"], "--cluster-init is for discrete latents"),
+    (["--latent", "continuous", "--cluster-init", "8", "--dz", "1"], "--dz must be at least 2, got 1"),
     (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
     (["--split-twins", "-1"], "--split-twins must be >= 0"),
 ])
