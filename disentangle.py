@@ -46,7 +46,7 @@ with --data dgp). The loss, one named function per term:
     --cluster-init M, a k-means start (cluster_posterior): the posterior head begins as K
     clusters of the posterior backbone's pooled features, found on their top M principal
     components scaled to unit variance (continuous: one cluster per strategy, each mapped to a
-    code of its own on one dimension of z), and stays on them for --cluster-hold steps while the generators
+    corner of a simplex in z), and stays on them for --cluster-hold steps while the generators
     learn them (the backbone stays frozen throughout), and
     --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
     steps of the first half, if two latents decode alike (or one holds no posterior mass), the

@@ -332,6 +332,10 @@ def test_continuous_cluster_posterior_gives_each_cluster_a_corner(tiny_base):
     assert torch.allclose(std[:, :2], torch.full_like(std[:, :2], D.CLUSTER_STD))  # the simplex's plane
     assert torch.allclose(std[:, 2:], torch.ones_like(std[:, 2:])) and mu[:, 2:].abs().max() == 0  # the prior
     assert torch.allclose(mu[:, :2].mean(0), torch.zeros(2), atol=1e-4)  # centred like the corners
+    corners = D.CLUSTER_SPACING * D.simplex_vertices(3)  # (3, 2)
+    corners = corners - torch.tensor(shares) @ corners  # centred on the pairs, as the fit's targets were
+    nearest = torch.cdist(mu[:, :2], corners).argmin(1)  # each pair lands nearest its cluster's corner
+    assert torch.bincount(nearest, minlength=3).div(len(mu)).tolist() == pytest.approx(shares, abs=0.05)
 
 
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
