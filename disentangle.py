@@ -66,9 +66,11 @@ with --data dgp). The loss, one named function per term:
         --lr-decay --steps 800                                # the continuous recipe (grid)
                                      # linear equations: the same plus --cluster-init 16 --data dgp --steps 1200
     python disentangle.py --task sort --k 8                   # more latents than strategies
+    python disentangle.py --score runs/grid_pathfinding/continuous --eval-inputs 500   # rescore a finished run
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json, log.jsonl,
-metrics.json, posterior.npz (snapshots of the posterior over training, for the figures).
+metrics.json, posterior.npz (snapshots of the posterior over training, for the figures);
+--score adds metrics_<N>.json.
 """
 
 import json
@@ -136,6 +138,8 @@ class Config:
     log_interval: int = arg(10, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     bf16: bool = arg(False, "bf16 autocast (CUDA only)")
+    score: str = arg("", "no training: score the stage-2 run in this folder at its checkpoint on --eval-inputs "
+                         "held-out inputs (its other settings are its own); writes metrics_<N>.json there")
 
     def validate(self, n_strategies, width):
         if self.latent not in ("discrete", "continuous"):
@@ -867,23 +871,56 @@ def init_loss_ratios(fact, base, batch, cfg):
     return (per_latent / base_loss).tolist()
 
 
-def main(argv=None):
-    cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+def load_base(cfg, device):
+    """The frozen base model, its task (with the options it was trained on), its folder and checkpoint."""
     task_name = get_task(cfg.task).name
     base_dir = cfg.base or os.path.join("runs", task_name, "base")
     base_path = os.path.join(base_dir, "ckpt.pt")
     base_ckpt = load_checkpoint(base_path, vocab=VOCAB, task=task_name)
     task = get_task(task_name, **base_ckpt.get("task_options", {}))
     cfg.validate(len(task.strategies), base_ckpt["model_config"]["n_embd"])
-    K = (cfg.k or len(task.strategies)) if cfg.latent == "discrete" else 0
-    out = cfg.out or os.path.join("runs", task_name, cfg.latent)
-    device = pick_device(cfg.device)
-    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
-    seed_everything(cfg.seed)
-
     base = model_from_checkpoint(base_ckpt, base_path).to(device).eval()
     for p in base.parameters():
         p.requires_grad_(False)
+    return base, task, base_dir, base_ckpt
+
+
+def score_run(run, eval_inputs, device_name):
+    """Rescore a stage-2 run at its checkpoint on more (or other) held-out inputs; same seed, same scores."""
+    ckpt_path = os.path.join(run, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, vocab=VOCAB)
+    saved = ckpt.get("train_config", {})
+    if "latent" not in saved:
+        raise ValueError(f"{ckpt_path} is not a stage-2 run (python evaluate.py {run} scores a base model)")
+    with open(os.path.join(run, "config.json")) as f:
+        run_config = json.load(f)
+    known = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+    cfg = replace(Config(**known), base=run_config["base"], eval_inputs=eval_inputs, device=device_name, score="")
+    device = pick_device(device_name)
+    base, task, _, base_ckpt = load_base(cfg, device)
+    fact = Factorization(base_ckpt, cfg.latent, run_config["k"], cfg.dz, ckpt_path, seed=cfg.seed).to(device)
+    fact.load_state_dict(ckpt["model"])
+    metrics, _ = evaluate_factorization(fact, base, task, cfg, cfg.seed)
+    with open(os.path.join(run, f"metrics_{eval_inputs}.json"), "w") as f:
+        json.dump({"step": ckpt["step"], "eval_inputs": eval_inputs, **metrics}, f, indent=2)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    print(f"step {ckpt['step']}, {eval_inputs} inputs: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+    return 0
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    if cfg.score:
+        return score_run(cfg.score, cfg.eval_inputs, cfg.device)
+    device = pick_device(cfg.device)
+    base, task, base_dir, base_ckpt = load_base(cfg, device)
+    task_name = task.name
+    base_path = os.path.join(base_dir, "ckpt.pt")
+    K = (cfg.k or len(task.strategies)) if cfg.latent == "discrete" else 0
+    out = cfg.out or os.path.join("runs", task_name, cfg.latent)
+    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    seed_everything(cfg.seed)
+
     fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path, seed=cfg.seed).to(device)
     if cfg.cluster_init:  # the clusters live in the base model's features: keep them, train the head
         fact.posterior.requires_grad_(False)

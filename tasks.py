@@ -53,6 +53,7 @@ multidigit_addition (add)        x: 4 5 7 + 9 8 6
 Run `python tasks.py` to print these examples and the statistics of every task.
 """
 
+import inspect
 import math
 import random
 import sys
@@ -617,6 +618,23 @@ def canonical_name(name):
 def get_task(name, **options):
     """A task object by canonical name or alias, e.g. get_task('grid', mixture='input-dependent')."""
     return TASKS[canonical_name(name)](**options)
+
+
+def parse_task_options(name, text):
+    """'n_digits=2' -> {'n_digits': 2}: the task's integer knobs, checked against its signature."""
+    cls = TASKS[canonical_name(name)]
+    knobs = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+             if isinstance(p.default, int) and not isinstance(p.default, bool)}
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in knobs:
+            raise ValueError(f"{cls.name} has no integer option {key!r}; its options: "
+                             + ", ".join(f"{k}={v}" for k, v in knobs.items()))
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"task option {key} must be a positive integer, got {value!r}")
+        options[key] = int(value)
+    return options
 
 
 # ----------------------------------------------------------------------------------------------

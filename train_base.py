@@ -21,6 +21,7 @@ snapshot (Key Figure 1 over training).
 
     python train_base.py --task grid                # 2-core CPU, about 20 minutes
     python train_base.py --task sort --device cuda  # GPU, a minute or two
+    python train_base.py --task add --task-options n_digits=2 --out runs/multidigit_addition/base2
     python evaluate.py runs/grid/base               # rescore the final checkpoint
 
 Writes runs/<task>/base/: ckpt.pt, config.json, log.jsonl, metrics.json, probes.npz.
@@ -40,7 +41,7 @@ from evaluate import base_metrics, first_decodable_position, probe_grid, save_pr
 from model import (GPT, GPTConfig, arg, autocast, check_resume_config, configure_optimizer, learning_rate,
                    load_checkpoint, model_from_checkpoint, pad_batch, parse_config, pick_device, run_main,
                    save_checkpoint, seed_everything, token_log_probs)
-from tasks import PAD, VOCAB, encode, get_task, prompt_tokens, record_tokens
+from tasks import PAD, VOCAB, encode, get_task, parse_task_options, prompt_tokens, record_tokens
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -55,6 +56,7 @@ TASK_STEPS = {"list_summation": 4000, "sorting_algorithms": 3000, "grid_pathfind
 class Config:
     task: str = arg("grid", "task name or alias: sum sort grid linear base add")
     mixture: str = arg("uniform", "ground-truth p*(s|x): uniform or input-dependent")
+    task_options: str = arg("", "the task's integer knobs as key=value[,key=value], e.g. n_digits=2 for add")
     out: str = arg("", "run folder (default runs/<task>/base)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seed: int = arg(0, "seed for initialisation, data and evaluation")
@@ -153,7 +155,8 @@ def truncate_log(path, step):
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     cfg.validate()
-    task = get_task(cfg.task, mixture=cfg.mixture)
+    task_options = {"mixture": cfg.mixture, **parse_task_options(cfg.task, cfg.task_options)}
+    task = get_task(cfg.task, **task_options)
     out = cfg.out or os.path.join("runs", task.name, "base")
     total_steps = cfg.steps or TASK_STEPS[task.name]
     device = pick_device(cfg.device)
@@ -179,7 +182,7 @@ def main(argv=None):
         json.dump({**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg)}, f, indent=2)
 
     def checkpoint(step, metrics):
-        save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options={"mixture": cfg.mixture},
+        save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options=task_options,
                         optimizer=optimizer.state_dict(), train_config=asdict(cfg), step=step, metrics=metrics)
 
     def evaluate_and_snapshot(step):

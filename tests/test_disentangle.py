@@ -358,12 +358,18 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     metrics = json.load(open(out / "metrics.json"))
     key = "alignment_one_to_one" if latent == "discrete" else "sampled_z_probe_acc"
     assert key in metrics
+    # rescoring the finished run on the same inputs gives the same numbers
+    assert D.main(["--score", str(out), "--eval-inputs", "12", "--device", "cpu"]) == 0
+    rescored = json.load(open(out / "metrics_12.json"))
+    assert rescored["step"] == 4
+    assert {k: v for k, v in rescored.items() if k in metrics} == {k: v for k, v in metrics.items() if k != "train_seconds"}
 
 
 @pytest.mark.parametrize("args, message", [
     (["--latent", "continuous", "--cluster-init", "8", "--dz", "1"], "--dz must be at least 2, got 1"),
     (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
     (["--split-twins", "-1"], "--split-twins must be >= 0"),
+    (["--score", "/nonexistent/run"], "no checkpoint there"),
 ])
 def test_user_errors_are_one_clear_line(tiny_base, tmp_path, args, message):
     command = [sys.executable, "disentangle.py", "--base", str(tiny_base), "--out", str(tmp_path / "run"), *args]

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from tasks import ALIASES, TASKS, VOCAB, Task, decode, encode, get_task, record_tokens
+from tasks import ALIASES, TASKS, VOCAB, Task, decode, encode, get_task, parse_task_options, record_tokens
 
 N_INPUTS = 2000
 
@@ -136,3 +136,16 @@ def test_get_task_aliases_and_unknown_name():
         get_task("chess")
     for name, cls in TASKS.items():
         assert name in str(e.value) and cls.alias in str(e.value)
+
+
+def test_task_options_are_the_tasks_integer_knobs():
+    assert parse_task_options("add", "n_digits=2") == {"n_digits": 2}
+    assert parse_task_options("grid", "size=5, min_steps=3") == {"size": 5, "min_steps": 3}
+    assert parse_task_options("sum", "") == {}
+    with pytest.raises(ValueError, match="no integer option 'source_bases'"):
+        parse_task_options("base", "source_bases=3")  # a tuple, not an integer knob
+    for bad in ("n_digits=0", "n_digits=two", "n_digits"):
+        with pytest.raises(ValueError, match="positive integer"):
+            parse_task_options("add", bad)
+    task, rng = get_task("add", n_digits=2), random.Random(0)
+    assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in (task.sample_input(rng) for _ in range(50)))

@@ -46,6 +46,12 @@ def test_short_run_lowers_loss_and_beats_chance(tmp_path):
     assert list(probes["steps"]) == [0, 10, 20, 30, 40, 50, 60]
 
 
+def test_task_options_reach_the_checkpoint(tmp_path):
+    assert run_tiny(tmp_path, 2, "--task-options", "size=5") == 0
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["task_options"] == {"mixture": "uniform", "size": 5}
+
+
 def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
     assert run_tiny(tmp_path / "straight", 20) == 0
 
@@ -74,6 +80,7 @@ def test_resume_gives_the_same_weights(tmp_path, monkeypatch):
     (["--steps", "-3"], "must be >= 0"),
     (["--batch-size", "many"], "invalid int value"),
     (["--resume", "--out", "/nonexistent/run"], "no checkpoint there"),
+    (["--task", "add", "--task-options", "digits=2"], "has no integer option 'digits'; its options: n_digits=3"),
 ])
 def test_user_errors_are_one_clear_line(args, message):
     result = subprocess.run([sys.executable, "train_base.py", *args], capture_output=True, text=True)
