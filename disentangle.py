@@ -64,6 +64,7 @@ with --data dgp). The loss, one named function per term:
                                      # sorting: the same plus --cluster-init 24
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --steps 800                                # the continuous recipe (grid)
+                                     # grid on the present base: + --data dgp --steps 1200
                                      # linear equations: the same plus --cluster-init 16 --data dgp --steps 1200
     python disentangle.py --task sort --k 8                   # more latents than strategies
     python disentangle.py --score runs/grid_pathfinding/continuous --eval-inputs 500   # rescore a finished run
