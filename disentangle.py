@@ -58,14 +58,15 @@ with --data dgp). The loss, one named function per term:
     identical latents, can pull the posterior back.
 
     python disentangle.py --task grid --latent discrete --token-weighted --jsd 1 \
-        --router-marginal-kl 10 --router-support 0.1 --lr-decay --steps 800   # the README's recipe
-                                     # linear equations (and grid, on the present base): + --data dgp --steps 1200
-                                     # addition: the same plus --cluster-init 16
+        --router-marginal-kl 10 --router-support 0.1 --lr-decay --data dgp --steps 1200   # the recipe
+                                     # linear equations: the same
+                                     # addition: the same plus --cluster-init 16 (2-digit base: --steps 1800)
                                      # sorting: the same plus --cluster-init 24
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --steps 800                                # the continuous recipe (grid)
                                      # grid on the present base: + --data dgp --steps 1200
                                      # linear equations: the same plus --cluster-init 16 --data dgp --steps 1200
+                                     # 2-digit addition: the same plus --posterior-variance 2 (edge of the targets)
     python disentangle.py --task sort --k 8                   # more latents than strategies
     python disentangle.py --score runs/grid_pathfinding/continuous --eval-inputs 500   # rescore a finished run
 
@@ -658,6 +659,7 @@ def evaluate_factorization(fact, base, task, cfg, seed):
         metrics["kl_per_dim"] = kl_dims.tolist()
         metrics["active_units"] = int((mu_q.var(0) > 0.01).sum())
         metrics.update(centroid_control(fact, task, xs, mu_q, labels))
+        metrics["router_nearest_centroid_rate"] = nearest_centroid_rate(task, z, sampled_labels, mu_q, labels)
         snap.update({"mu": mu_q.numpy(), "z_sampled": z[keep].numpy(), "z_strategy": z_labels.numpy()})
     fact.train()
     return metrics, snap
@@ -692,6 +694,19 @@ def centroid_control(fact, task, xs, mu, labels):
         ys = generate_ys(fact.lm, task, xs, latent=z, temperature=0.0)
         shares[s] = sum(y is not None and s in task.check(x, y).strategies for x, y in zip(xs, ys)) / len(xs)
     return {"centroid_control": shares, "centroid_control_mean": sum(shares.values()) / max(1, len(shares))}
+
+
+def nearest_centroid_rate(task, z, decoded, mu, labels):
+    """
+    The share of router draws z (N, dz) whose decode follows the strategy of the posterior centroid
+    nearest to z: 1 when the router's z space carries the posterior's code, lower when draws land
+    between centroids, where the generator was not trained. decoded: each draw's matched strategies.
+    """
+    present = [c for c in range(len(task.strategies)) if (labels == c).any()]
+    centroids = torch.stack([mu[labels == c].mean(0) for c in present])  # (C, dz)
+    nearest = torch.cdist(z.float(), centroids).argmin(1).tolist()  # (N,)
+    hits = [decoded[i] == {task.strategies[present[k]]} for i, k in enumerate(nearest)]
+    return sum(hits) / max(1, len(hits))
 
 
 def save_snapshot(path, step, snap):

@@ -321,6 +321,16 @@ def test_simplex_vertices_are_equidistant_and_centred():
         assert torch.allclose(corners.mean(0), torch.zeros(n - 1), atol=1e-6)
 
 
+def test_nearest_centroid_rate_hand_checked():
+    task = get_task("grid")  # strategies: right-first, down-first, alternating
+    mu = torch.tensor([[0.0, 0.0], [0.2, 0.0], [4.0, 0.0], [0.0, 4.0]])  # (4, 2) posterior means
+    labels = torch.tensor([0, 0, 1, 2])  # centroids (0.1, 0), (4, 0), (0, 4)
+    z = torch.tensor([[0.0, 0.5], [3.0, 0.0], [1.0, 3.0], [2.2, 2.0]])  # nearest: 0, 1, 2, 1
+    decoded = [frozenset({"right-first"}), frozenset({"down-first"}), frozenset({"right-first"}),
+               frozenset({"down-first", "alternating"})]  # hit, hit, wrong strategy, ambiguous
+    assert D.nearest_centroid_rate(task, z, decoded, mu, labels) == 0.5
+
+
 def test_continuous_cluster_posterior_gives_each_cluster_a_corner(tiny_base):
     fact, _ = tiny_fact(tiny_base, "continuous", K=0)
     cfg = D.Config(data="dgp", latent="continuous", cluster_init=4, dz=4)
