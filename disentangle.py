@@ -63,10 +63,9 @@ with --data dgp). The loss, one named function per term:
                                      # addition: the same plus --cluster-init 16 (2-digit base: --steps 1800)
                                      # sorting: the same plus --cluster-init 24
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
-        --lr-decay --steps 800                                # the continuous recipe (grid)
-                                     # grid on the present base: + --data dgp --steps 1200
-                                     # linear equations: the same plus --cluster-init 16 --data dgp --steps 1200
-                                     # 2-digit addition: the same plus --posterior-variance 2 (edge of the targets)
+        --lr-decay --data dgp --steps 1200                    # the continuous recipe (grid)
+                                     # linear equations: the same plus --cluster-init 16
+                                     # 2-digit addition: --cluster-init 16 --posterior-variance 2 (edge of the targets)
     python disentangle.py --task sort --k 8                   # more latents than strategies
     python disentangle.py --score runs/grid_pathfinding/continuous --eval-inputs 500   # rescore a finished run
 
@@ -674,10 +673,15 @@ def linear_probe_accuracy(task, xs, features, labels, test_fraction=1 / 3):
     return float(train_probes(features[None].float(), labels, valid, len(task.strategies), is_train)[0])
 
 
+def strategy_centroids(mu, labels, n_classes, min_count=1):
+    """The mean of mu (N, dz) over each strategy with at least min_count rows: (present, (C, dz))."""
+    present = [c for c in range(n_classes) if (labels == c).sum() >= min_count]
+    return present, torch.stack([mu[labels == c].mean(0) for c in present])
+
+
 def centroid_geometry(mu, labels, n_classes):
     """Mean pairwise distance of per-strategy centroids over the mean within-strategy spread."""
-    present = [c for c in range(n_classes) if (labels == c).sum() > 1]
-    centroids = torch.stack([mu[labels == c].mean(0) for c in present])
+    present, centroids = strategy_centroids(mu, labels, n_classes, min_count=2)
     spread = torch.stack([(mu[labels == c] - centroids[i]).norm(dim=-1).mean() for i, c in enumerate(present)])
     dists = torch.pdist(centroids) if len(present) > 1 else torch.zeros(1)
     return {"centroid_distance": float(dists.mean() / spread.mean().clamp(min=1e-8)),
@@ -687,10 +691,10 @@ def centroid_geometry(mu, labels, n_classes):
 def centroid_control(fact, task, xs, mu, labels):
     """Decode from each strategy's posterior centroid: the share of inputs that follow that strategy."""
     shares = {}
-    for c, s in enumerate(task.strategies):
-        if (labels == c).sum() == 0:
-            continue
-        z = mu[labels == c].mean(0).expand(len(xs), -1)
+    present, centroids = strategy_centroids(mu, labels, len(task.strategies))
+    for c, centroid in zip(present, centroids):
+        s = task.strategies[c]
+        z = centroid.expand(len(xs), -1)
         ys = generate_ys(fact.lm, task, xs, latent=z, temperature=0.0)
         shares[s] = sum(y is not None and s in task.check(x, y).strategies for x, y in zip(xs, ys)) / len(xs)
     return {"centroid_control": shares, "centroid_control_mean": sum(shares.values()) / max(1, len(shares))}
@@ -702,8 +706,7 @@ def nearest_centroid_rate(task, z, decoded, mu, labels):
     nearest to z: 1 when the router's z space carries the posterior's code, lower when draws land
     between centroids, where the generator was not trained. decoded: each draw's matched strategies.
     """
-    present = [c for c in range(len(task.strategies)) if (labels == c).any()]
-    centroids = torch.stack([mu[labels == c].mean(0) for c in present])  # (C, dz)
+    present, centroids = strategy_centroids(mu, labels, len(task.strategies))  # (C, dz)
     nearest = torch.cdist(z.float(), centroids).argmin(1).tolist()  # (N,)
     hits = [decoded[i] == {task.strategies[present[k]]} for i, k in enumerate(nearest)]
     return sum(hits) / max(1, len(hits))
