@@ -61,7 +61,7 @@ with --data dgp). The loss, one named function per term:
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --data dgp --steps 1200   # the recipe
                                      # linear equations: the same
                                      # addition: the same plus --cluster-init 16 (2-digit base: --steps 1800)
-                                     # sorting: the same plus --cluster-init 24 --steps 2400 (two seeds of four)
+                                     # sorting: the same plus --cluster-init 24 --steps 2400 (two seeds of five)
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --data dgp --steps 1200                    # the continuous recipe (grid)
                                      # linear equations: the same plus --cluster-init 16
