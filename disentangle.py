@@ -47,7 +47,11 @@ with --data dgp). The loss, one named function per term:
     clusters of the posterior backbone's pooled features, found on their top M principal
     components scaled to unit variance (continuous: one cluster per strategy, each mapped to a
     corner of a simplex in z), and stays on them for --cluster-hold steps while the generators
-    learn them (the backbone stays frozen throughout), and
+    learn them (the backbone stays frozen throughout),
+    --reassign N, the classification step of hard EM (reassign_clusters; after --cluster-init):
+    every N steps of the first half, fresh pairs join the latent under which the generator rates
+    their y highest (continuous: the cluster at whose posterior centroid it does), and the head
+    is set from that assignment again, so traces k-means put in the wrong group move to their own,
     --split-twins N, the split move of divisive clustering (choose_split, split_twins): every N
     steps of the first half, if two latents decode alike (or one holds no posterior mass), the
     posterior mass that mixes strategies (the pair's own, or the heaviest other latent's) is
@@ -61,11 +65,13 @@ with --data dgp). The loss, one named function per term:
         --router-marginal-kl 10 --router-support 0.1 --lr-decay --data dgp --steps 1200   # the recipe
                                      # linear equations: the same
                                      # addition: the same plus --cluster-init 16 (2-digit base: --steps 1800)
-                                     # sorting: the same plus --cluster-init 24 --steps 2400 (two seeds of five)
+                                     # sorting: the same plus --cluster-init 24 --steps 2400 (two seeds of five;
+                                     #   with --reassign 300 also seeds 0 and 4, not seed 1)
     python disentangle.py --latent continuous --token-weighted --router-marginal-kl 1 \
         --lr-decay --data dgp --steps 1200                    # the continuous recipe (grid)
                                      # linear equations: the same plus --cluster-init 16
                                      # 2-digit addition: --cluster-init 16 --posterior-variance 2 (edge of the targets)
+                                     # sorting: --cluster-init 24 --reassign 300 --steps 2400 (all but sampled_z)
     python disentangle.py --task sort --k 8                   # more latents than strategies
     python disentangle.py --score runs/grid_pathfinding/continuous --eval-inputs 500   # rescore a finished run
 
@@ -134,6 +140,7 @@ class Config:
     split_twins: int = arg(0, "discrete: every N steps of the first half, split the mass that latents decoding alike leave mixed (choose_split; 0: off)")
     posterior_pool: str = arg("mean", "how the posterior pools y states: mean, or entropy (weighted like --token-weighted)")
     posterior_variance: float = arg(0.0, "continuous: weight of mean posterior variance")
+    reassign: int = arg(0, "with --cluster-init: every N steps of the first half, set the posterior from the clusters the generator assigns fresh pairs to (reassign_clusters; 0: off)")
     eval_interval: int = arg(100, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation")
     log_interval: int = arg(10, "steps between log lines")
@@ -156,12 +163,14 @@ class Config:
         for name in ("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("split_twins", "cluster_init", "cluster_hold"):
+        for name in ("split_twins", "cluster_init", "cluster_hold", "reassign"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
             raise ValueError(f"--cluster-init puts {n_strategies} strategies on a simplex: --dz must be at least "
                              f"{n_strategies - 1}, got {self.dz}")
+        if self.reassign and not self.cluster_init:
+            raise ValueError("--reassign needs --cluster-init: it moves pairs between the clusters")
         if self.cluster_init > width:  # there are no more principal components than feature dimensions
             raise ValueError(f"--cluster-init must be at most the model width {width}, got {self.cluster_init}")
         for name in ("beta", "free_bits", "posterior_entropy", "router_support", "router_marginal_kl", "jsd",
@@ -180,10 +189,12 @@ class Factorization(nn.Module):
     posterior:   a second copy of the base backbone; post_head maps the pooled y-state to
                  K logits (discrete) or (mu, log sigma^2) (continuous)
     router_head: continuous only, (mu, log sigma^2) of p_phi(z|x) from the LM's state at <z>
+    codes:       continuous only, the n_codes corners (n_codes, dz) --cluster-init sends the
+                 posterior's clusters to
     seed:        draws the noise that tells the K latent embeddings apart at step 0
     """
 
-    def __init__(self, base_ckpt, latent, K, dz, path, seed=0):
+    def __init__(self, base_ckpt, latent, K, dz, path, seed=0, n_codes=0):
         super().__init__()
         self.latent, self.K, self.dz = latent, K, dz
         extra = {"latent_dim": dz} if latent == "continuous" else {}
@@ -199,6 +210,8 @@ class Factorization(nn.Module):
             self.router_head = nn.Linear(d, 2 * dz)
             nn.init.zeros_(self.router_head.weight)  # p_phi starts at N(0, I) for every x
             nn.init.zeros_(self.router_head.bias)
+            # fixed by (n_codes, dz), so not saved: a resumed or rescored run rebuilds them
+            self.register_buffer("codes", cluster_codes(n_codes, dz), persistent=False)
         else:
             self.router_head = None
             # each <zk> starts as the base model's no-op <z_empty> plus a little noise, so every
@@ -755,6 +768,14 @@ def simplex_vertices(n):
     return u[:, :n - 1] * s[:n - 1] / math.sqrt(2)  # the same points in the n-1 dimensions they span
 
 
+def cluster_codes(n, dz):
+    """The continuous codes of n clusters (n, dz): a simplex with edge CLUSTER_SPACING in the first
+    n - 1 dimensions of z, 0 in the rest (no codes, (0, dz), for n < 2 or dz < n - 1)."""
+    if n < 2 or dz < n - 1:
+        return torch.zeros(0, dz)
+    return F.pad(CLUSTER_SPACING * simplex_vertices(n), (0, dz - (n - 1)))
+
+
 @torch.no_grad()
 def cluster_posterior(fact, base, task, cfg):
     """
@@ -776,30 +797,112 @@ def cluster_posterior(fact, base, task, cfg):
     device = fact.lm.tok_emb.weight.device
     pairs = training_pairs(task, base, replace(cfg, batch_size=CLUSTER_PAIRS), -1_000_000, device)
     _, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)  # (N, d)
-    mean = features.mean(0)  # (d,)
-    _, singular, basis = torch.linalg.svd(features - mean, full_matrices=False)
-    m = cfg.cluster_init
-    whiten = basis[:m].T * (len(features) ** 0.5 / singular[:m])  # (d, m): unit variance per component
-    points = (features - mean) @ whiten  # (N, m)
+    mean, whiten, points = whitened(features, cfg.cluster_init)
     n_clusters = fact.K or len(task.strategies)
     centroids = kmeans(points, n_clusters, torch.Generator().manual_seed(cfg.seed))  # (C, m)
-    sq_dist = torch.cdist(points, centroids) ** 2  # (N, C)
-    assign = sq_dist.argmin(1)  # (N,)
+    assign = torch.cdist(points, centroids).argmin(1)  # (N,)
     if fact.latent == "discrete":
-        lo, hi = -8.0, 8.0  # bisect log temperature: the confidence falls as the temperature rises
-        for _ in range(40):
-            log_t = (lo + hi) / 2
-            confident = F.softmax(-sq_dist / (2 * math.exp(log_t)), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
-            lo, hi = (log_t, hi) if confident else (lo, log_t)
-        fact.posterior_from_centroids(centroids, whiten, mean, temperature=math.exp(lo))
+        posterior_to_centroids(fact, points, centroids, whiten, mean)
     else:
-        corners = CLUSTER_SPACING * simplex_vertices(n_clusters).to(points)  # (C, C-1)
-        targets = corners[assign] - corners[assign].mean(0)  # (N, C-1), centred like the points
-        # the map reads all d feature directions, not just the M the clusters were found on:
-        # held-out traces of one strategy then land closer together (linear: spread 0.30 vs 0.58)
-        fit = torch.linalg.lstsq(features - mean, targets).solution  # (d, C-1)
-        fact.posterior_gaussians_at(fit, mean, CLUSTER_STD)
+        posterior_to_codes(fact, features, assign)
     return (torch.bincount(assign, minlength=n_clusters).float() / len(assign)).tolist()
+
+
+def whitened(features, m):
+    """The top m principal components of features (N, d), each scaled to unit variance: the
+    mean (d,), the map whiten (d, m), and the points (N, m) = (features - mean) @ whiten."""
+    mean = features.mean(0)  # (d,)
+    _, singular, basis = torch.linalg.svd(features - mean, full_matrices=False)
+    whiten = basis[:m].T * (len(features) ** 0.5 / singular[:m])  # (d, m): unit variance per component
+    return mean, whiten, (features - mean) @ whiten
+
+
+def posterior_to_centroids(fact, points, centroids, whiten, mean):
+    """
+    Discrete: the head becomes the Gaussian mixture of centroids (K, m) in the whitened space,
+    at the temperature that makes the mean largest q(z|x,y) over points (N, m) CLUSTER_CONFIDENCE.
+    """
+    sq_dist = torch.cdist(points, centroids) ** 2  # (N, K)
+    lo, hi = -8.0, 8.0  # bisect log temperature: the confidence falls as the temperature rises
+    for _ in range(40):
+        log_t = (lo + hi) / 2
+        confident = F.softmax(-sq_dist / (2 * math.exp(log_t)), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
+        lo, hi = (log_t, hi) if confident else (lo, log_t)
+    fact.posterior_from_centroids(centroids, whiten, mean, temperature=math.exp(lo))
+
+
+def posterior_to_codes(fact, features, assign):
+    """
+    Continuous: mu_xi becomes the least-squares linear map from the pooled features (N, d) to the
+    code of each pair's cluster (assign (N,)), with sigma_xi = CLUSTER_STD.
+    """
+    C = fact.codes.shape[0]
+    corners = fact.codes[:, :C - 1].to(features)  # (C, C-1)
+    targets = corners[assign] - corners[assign].mean(0)  # (N, C-1), centred like the features
+    mean = features.mean(0)  # (d,)
+    # the map reads all d feature directions, not just the M the clusters were found on:
+    # held-out traces of one strategy then land closer together (linear: spread 0.30 vs 0.58)
+    fit = torch.linalg.lstsq(features - mean, targets).solution  # (d, C-1)
+    fact.posterior_gaussians_at(fit, mean, CLUSTER_STD)
+
+
+def cluster_means(points, assign, empty):
+    """The mean of points (N, m) in each cluster of assign (N,); a cluster with none takes its row of empty (C, m)."""
+    return torch.stack([points[assign == c].mean(0) if (assign == c).any() else empty[c] for c in range(len(empty))])
+
+
+@torch.no_grad()
+def latent_log_likelihoods(fact, task, pairs, z=None, batch_pairs=64):
+    """
+    log p_psi(y|x, latent) of each pair (x, y) at each latent: the K tokens (discrete), or the C
+    vectors z (C, dz) (continuous). Returns (N, K) or (N, C).
+    """
+    device = fact.lm.tok_emb.weight.device
+    out = []
+    for i in range(0, len(pairs), batch_pairs):
+        if z is None:  # row b*K+k of gen_idx is pair b with <zk> in the slot
+            batch = make_batch(task, pairs[i:i + batch_pairs], fact.K, device)
+            idx, mask, n = batch["gen_idx"], batch["gen_mask"], fact.K
+            logits = fact.lm(idx)
+        else:  # row b*C+c is pair b with z_c added at the slot
+            batch = make_batch(task, pairs[i:i + batch_pairs], 0, device)
+            n = len(z)
+            idx, mask = batch["base_idx"].repeat_interleave(n, dim=0), batch["base_mask"].repeat_interleave(n, dim=0)
+            logits = fact.lm(idx, latent=z.to(device).repeat(len(batch["base_idx"]), 1),
+                             latent_pos=batch["slot_pos"].repeat_interleave(n))
+        out.append((token_log_probs(logits, idx) * mask).sum(-1).view(-1, n).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reassign_clusters(fact, base, task, cfg, step):
+    """
+    The classification step of hard EM, with the generator as the judge (after --cluster-init):
+    each of CLUSTER_PAIRS fresh training pairs joins the latent under which the generator gives
+    its y the highest likelihood (continuous: the cluster at whose posterior centroid it does),
+    and the posterior head is set from that assignment again (discrete: the Gaussian mixture of
+    the clusters' means in the whitened features; continuous: each cluster sent to its code).
+    k-means on the base model's features puts some traces with the wrong group; a generator
+    trained on the whole group decodes that group's strategy, so it rates a stray trace higher
+    under its own strategy's latent. Returns the share of pairs that changed cluster.
+    """
+    pairs = training_pairs(task, base, replace(cfg, batch_size=CLUSTER_PAIRS), -1_000_000 - step,
+                            fact.lm.tok_emb.weight.device)
+    posterior, features = posterior_of(fact, base, task, pairs, cfg.posterior_pool, features=True)
+    if fact.latent == "discrete":
+        features = features.cpu()
+        current = posterior.argmax(1)  # (N,)
+        assign = latent_log_likelihoods(fact, task, pairs).argmax(1)  # (N,)
+        mean, whiten, points = whitened(features, cfg.cluster_init)
+        centroids = cluster_means(points, assign, torch.zeros(fact.K, points.shape[1]))  # (K, m)
+        posterior_to_centroids(fact, points, centroids, whiten, mean)
+    else:
+        mu, codes = posterior[0], fact.codes.cpu()
+        current = torch.cdist(mu, codes).argmin(1)  # (N,) the cluster the posterior puts each pair in
+        centroids = cluster_means(mu, current, codes)  # (C, dz)
+        assign = latent_log_likelihoods(fact, task, pairs, centroids).argmax(1)  # (N,)
+        posterior_to_codes(fact, features, assign.to(features.device))
+    return (assign != current).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -917,7 +1020,8 @@ def score_run(run, eval_inputs, device_name):
     cfg = replace(Config(**known), base=run_config["base"], eval_inputs=eval_inputs, device=device_name, score="")
     device = pick_device(device_name)
     base, task, _, base_ckpt = load_base(cfg, device)
-    fact = Factorization(base_ckpt, cfg.latent, run_config["k"], cfg.dz, ckpt_path, seed=cfg.seed).to(device)
+    fact = Factorization(base_ckpt, cfg.latent, run_config["k"], cfg.dz, ckpt_path, seed=cfg.seed,
+                         n_codes=len(task.strategies)).to(device)
     fact.load_state_dict(ckpt["model"])
     metrics, _ = evaluate_factorization(fact, base, task, cfg, cfg.seed)
     with open(os.path.join(run, f"metrics_{eval_inputs}.json"), "w") as f:
@@ -940,7 +1044,8 @@ def main(argv=None):
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
     seed_everything(cfg.seed)
 
-    fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path, seed=cfg.seed).to(device)
+    fact = Factorization(base_ckpt, cfg.latent, K, cfg.dz, base_path, seed=cfg.seed,
+                         n_codes=len(task.strategies)).to(device)
     if cfg.cluster_init:  # the clusters live in the base model's features: keep them, train the head
         fact.posterior.requires_grad_(False)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
@@ -1014,6 +1119,10 @@ def main(argv=None):
                 tqdm.write(f"step {done}: the pairs {held} held split between z{a + 1} and z{b + 1}, "
                            f"posterior frozen to step {posterior_frozen_until}")
             log.write(json.dumps({"step": done, **split}) + "\n")
+        if cfg.reassign and done % cfg.reassign == 0 and done <= cfg.steps // 2:
+            moved = reassign_clusters(fact, base, task, cfg, done)
+            tqdm.write(f"step {done}: {moved:.1%} of pairs moved to the cluster the generator rates highest")
+            log.write(json.dumps({"step": done, "reassign/moved": moved}) + "\n")
         if done % cfg.log_interval == 0 or done == cfg.steps:
             bar.set_postfix(loss=f"{logs['loss/total']:.3f}", kl=f"{logs['loss/kl']:.3f}")
             log.write(json.dumps({"step": done, "lr": lr, **logs}) + "\n")

@@ -11,7 +11,7 @@ import torch
 
 import disentangle as D
 from evaluate import record_log_probs
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, save_checkpoint, token_log_probs
 from tasks import LATENT_TOKENS, STOI, VOCAB, get_task
 
 
@@ -28,7 +28,7 @@ def tiny_base(tmp_path_factory):
 def tiny_fact(tiny_base, latent="discrete", K=3):
     ckpt = torch.load(tiny_base / "ckpt.pt", weights_only=True)
     torch.manual_seed(0)
-    return D.Factorization(ckpt, latent, K, 4, "tiny"), ckpt
+    return D.Factorization(ckpt, latent, K, 4, "tiny", n_codes=3), ckpt
 
 
 def grid_pairs(n=6, seed=0):
@@ -348,6 +348,24 @@ def test_continuous_cluster_posterior_gives_each_cluster_a_corner(tiny_base):
     assert torch.bincount(nearest, minlength=3).div(len(mu)).tolist() == pytest.approx(shares, abs=0.05)
 
 
+def test_latent_log_likelihoods_equal_one_pair_and_one_latent_at_a_time(tiny_base):
+    task, pairs = grid_pairs(3)
+    z = torch.randn(2, 4)  # (C, dz)
+    for latent in ("discrete", "continuous"):
+        fact, _ = tiny_fact(tiny_base, latent)
+        table = D.latent_log_likelihoods(fact, task, pairs, None if latent == "discrete" else z, batch_pairs=2)
+        assert table.shape == (3, 3 if latent == "discrete" else 2)
+        for i, (x, y) in enumerate(pairs):
+            for c in range(table.shape[1]):
+                if latent == "discrete":
+                    expected = record_log_probs(fact.lm, task, [x], [y], [LATENT_TOKENS[c]])[0]
+                else:
+                    batch = D.make_batch(task, [(x, y)], 0, "cpu")
+                    logits = fact.lm(batch["base_idx"], latent=z[c:c + 1], latent_pos=batch["slot_pos"])
+                    expected = (token_log_probs(logits, batch["base_idx"]) * batch["base_mask"]).sum()
+                assert table[i, c].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
 def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     out = tmp_path / latent
@@ -357,7 +375,7 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
             "--posterior-entropy", "0.1", "--router-support", "0.1", "--router-marginal-kl", "0.1",
             "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear",
             "--posterior-pool", "entropy", "--split-twins", "2"]
-    args += ["--cluster-init", "4", "--cluster-hold", "2"]
+    args += ["--cluster-init", "4", "--cluster-hold", "2"] + ["--reassign", "2"]
     assert D.main(args) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     ratios = log[0]["init/y_loss_ratio"]
@@ -365,6 +383,7 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     assert any("loss/total" in r for r in log)
     assert any("split/agreement" in r for r in log) == (latent == "discrete")  # the twin check ran
     assert any("init/cluster_shares" in r for r in log)
+    assert any("reassign/moved" in r for r in log)
     metrics = json.load(open(out / "metrics.json"))
     key = "alignment_one_to_one" if latent == "discrete" else "sampled_z_probe_acc"
     assert key in metrics
@@ -379,6 +398,7 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     (["--latent", "continuous", "--cluster-init", "8", "--dz", "1"], "--dz must be at least 2, got 1"),
     (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
     (["--split-twins", "-1"], "--split-twins must be >= 0"),
+    (["--reassign", "100"], "--reassign needs --cluster-init"),
     (["--score", "/nonexistent/run"], "no checkpoint there"),
 ])
 def test_user_errors_are_one_clear_line(tiny_base, tmp_path, args, message):
