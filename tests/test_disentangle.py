@@ -375,7 +375,7 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
             "--posterior-entropy", "0.1", "--router-support", "0.1", "--router-marginal-kl", "0.1",
             "--posterior-variance", "0.1", "--free-bits", "0.1", "--beta-schedule", "linear",
             "--posterior-pool", "entropy", "--split-twins", "2"]
-    args += ["--cluster-init", "4", "--cluster-hold", "2"] + ["--reassign", "2"]
+    args += ["--cluster-init", "4", "--cluster-hold", "2", "--reassign", "2"]
     assert D.main(args) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     ratios = log[0]["init/y_loss_ratio"]
