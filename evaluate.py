@@ -1,7 +1,8 @@
 """
-Every metric and probe of the project, and a CLI that scores a checkpoint.
+Every metric and probe of the project, and a CLI that scores a checkpoint of either stage.
 
-    python evaluate.py runs/grid/base            # writes runs/grid/base/metrics.json
+    python evaluate.py runs/grid_pathfinding/base                   # writes its metrics.json
+    python evaluate.py runs/grid_pathfinding/discrete --inputs 1000  # writes metrics_1000.json
 
 Generation metrics (temperature-1 samples on held-out inputs, attributed with task.check):
     parse_rate, answer_accuracy      share of generations that parse / are correct
@@ -16,6 +17,10 @@ Likelihood metrics (teacher forcing, no sampling noise):
 Linear probes (Key Figure 1): a logistic probe per (layer, y-position) from the residual stream
 to the strategy that wrote y, trained and scored on disjoint inputs; the shuffled-label probe
 and the majority-class rate are the baselines.
+Stage 2 (factorization_metrics): router/* generation metrics with z ~ p_phi(z|x); discrete:
+alignment_one_to_one and local coverage of the controlled decodes, posterior_accuracy;
+continuous: sampled_z_probe_acc, posterior_mu_probe_acc, centroid geometry and control.
+Every key is defined in docs/metrics.md.
 """
 
 import itertools
@@ -23,14 +28,16 @@ import json
 import os
 import random
 import sys
+import zipfile
 from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import load_checkpoint, model_from_checkpoint, pad_batch, pick_device, run_main, token_log_probs
-from tasks import EOS, PAD, VOCAB, decode, encode, get_task, prompt_tokens, record_tokens, sample_split_input
+from model import (OneLineParser, load_checkpoint, model_from_checkpoint, pad_batch, pick_device, router_log_probs, run_main,
+                   token_log_probs, write_json)
+from tasks import EOS, LATENT_TOKENS, PAD, STOI, VOCAB, decode, encode, get_task, prompt_tokens, record_tokens, sample_split_input
 
 # ----------------------------------------------------------------------------------------------
 # Data for evaluation: held-out inputs and DGP samples
@@ -82,8 +89,10 @@ def generate_ys(model, task, xs, latent_tokens=None, latent=None, temperature=1.
 
 
 @torch.no_grad()
-def record_log_probs(model, task, xs, ys, latent_tokens=None, batch_size=256):
-    """log p_theta(y </y> <eos> | prompt) for each (x, y) by teacher forcing: a tensor (N,)."""
+def record_log_probs(model, task, xs, ys, latent_tokens=None, latent=None, batch_size=256):
+    """log p_theta(y </y> <eos> | prompt) for each (x, y) by teacher forcing: a tensor (N,).
+    latent_tokens: one token per input for the slot (default <z_empty>); latent (N, dz): a vector
+    added at the slot."""
     model.eval()
     device = model.tok_emb.weight.device
     latent_tokens = latent_tokens or ["<z_empty>"] * len(xs)
@@ -94,7 +103,9 @@ def record_log_probs(model, task, xs, ys, latent_tokens=None, batch_size=256):
     for i in range(0, len(order), batch_size):
         rows = order[i:i + batch_size]
         idx, mask = pad_batch([records[r] for r in rows], PAD, [starts[r] for r in rows], device)
-        out[rows] = (token_log_probs(model(idx), idx) * mask).sum(-1).cpu()
+        kwargs = {} if latent is None else {"latent": latent[rows].to(device),
+                                            "latent_pos": torch.tensor([starts[r] - 3 for r in rows], device=device)}
+        out[rows] = (token_log_probs(model(idx, **kwargs), idx) * mask).sum(-1).cpu()
     return out
 
 
@@ -104,7 +115,7 @@ def record_log_probs(model, task, xs, ys, latent_tokens=None, batch_size=256):
 
 def tv_distance(p, q):
     """Total variation 0.5 * sum_k |p_k - q_k| between two dicts of probabilities."""
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in sorted(set(p) | set(q)))  # fixed order: same sum every run
 
 
 def strategy_credit(task, x, matched):
@@ -258,9 +269,18 @@ def split_by_input(task, xs, test_fraction):
     return torch.tensor([tuple(task.input_tokens(x)) not in test_keys for x in xs])
 
 
+def read_snapshot(path):
+    """An .npz snapshot as a dict of arrays; a ValueError naming the file if it is not one of ours."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable snapshot (truncated, corrupt or not an .npz): {type(e).__name__}") from None
+
+
 def save_probe_snapshot(path, step, probes):
     """Append one probe grid (L+1, P) to probes.npz (arrays padded to the widest grid)."""
-    snaps = dict(np.load(path)) if os.path.exists(path) else {}
+    snaps = read_snapshot(path) if os.path.exists(path) else {}
     steps = [int(s) for s in snaps.get("steps", []) if s < step] + [step]
     grids = [g for g, s in zip(snaps.get("acc", []), snaps.get("steps", [])) if s < step] + [probes["acc"].numpy()]
     shuffled = [g for g, s in zip(snaps.get("acc_shuffled", []), snaps.get("steps", [])) if s < step]
@@ -339,6 +359,179 @@ def local_coverage(task, xs, ys_per_latent):
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading and scoring a stage-2 factorization. `fact` is model.Factorization; what is read of
+# it: fact.latent, fact.K, fact.lm (router and generator), fact.router_head, fact.post_head and
+# fact.posterior_features(idx, y_state_mask).
+
+
+@torch.no_grad()
+def router_distribution(fact, task, xs):
+    """p_phi(z|x) from the router prompt <bos> <x> .. </x> <z>: probabilities (N, K) (discrete),
+    or (mu, logvar) (N, dz) each (continuous)."""
+    device = fact.lm.tok_emb.weight.device
+    prompts = [encode(prompt_tokens(task.input_tokens(x))) for x in xs]
+    idx, _ = pad_batch(prompts, PAD, [0] * len(prompts), device)
+    route_pos = torch.tensor([len(p) - 4 for p in prompts], device=device)  # <z> of "<z> slot </z> <y>"
+    logits, hidden = fact.lm(idx, return_hidden=True)
+    rows = torch.arange(len(xs), device=device)
+    if fact.latent == "discrete":
+        latent_ids = [STOI[t] for t in LATENT_TOKENS[:fact.K]]
+        return router_log_probs(logits[rows, route_pos], latent_ids)[0].exp().cpu()
+    state = fact.lm.ln_f(hidden[:, -1][rows, route_pos])
+    return tuple(t.cpu() for t in fact.router_head(state).float().chunk(2, dim=-1))
+
+
+@torch.no_grad()
+def posterior_distribution(fact, task, pairs, features=False, batch_size=256):
+    """q(z|x,y) of pairs (x, y): probabilities (N, K), or (mu, logvar) (N, dz) each; with
+    features, also the pooled y-states (N, d) the posterior head reads."""
+    device, pooled = fact.lm.tok_emb.weight.device, []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        records = [encode(record_tokens(task.input_tokens(x), y)) for x, y in chunk]
+        starts = [len(prompt_tokens(task.input_tokens(x))) for x, _ in chunk]
+        idx, y_mask = pad_batch(records, PAD, starts, device)
+        y_state_mask = F.pad(y_mask, (1, 0))  # (B, T): the states that read a y token
+        pooled.append(fact.posterior_features(idx, y_state_mask))
+    pooled = torch.cat(pooled)
+    out = fact.post_head(pooled).float().cpu()
+    out = F.softmax(out, -1) if fact.latent == "discrete" else tuple(out.chunk(2, dim=-1))
+    return (out, pooled) if features else out
+
+
+def factorization_metrics(fact, task, n_inputs, seed):
+    """Every stage-2 metric on n_inputs held-out inputs, and the arrays the figures draw."""
+    fact.eval()
+    xs = heldout_inputs(task, n_inputs, seed)
+    samples = [s for s in dgp_samples(task, xs, seed + 1) if len(task.check(s[0], s[2]).strategies) == 1]
+    labels = torch.tensor([task.strategies.index(s) for _, s, _ in samples], dtype=torch.long)
+    pairs = [(x, y) for x, _, y in samples]
+    score = discrete_scores if fact.latent == "discrete" else continuous_scores
+    metrics, snapshot = score(fact, task, xs, pairs, labels, seed)
+    fact.train()
+    return metrics, {"strategy": labels.numpy(), **snapshot}
+
+
+def discrete_scores(fact, task, xs, pairs, labels, seed):
+    """Router-sampled generation; controlled latents (one greedy decode per latent per input):
+    contingency, alignment, coverage; the posterior's accuracy under the best matching."""
+    K = fact.K
+    router_p = router_distribution(fact, task, xs)  # (N, K)
+    z_idx = torch.multinomial(router_p, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1).tolist()
+    ys = generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k] for k in z_idx], seed=seed)
+    metrics = {f"router/{k}": v for k, v in generation_metrics(task, xs, ys).items()}
+    ys_per_latent = [generate_ys(fact.lm, task, xs, [LATENT_TOKENS[k]] * len(xs), temperature=0.0) for k in range(K)]
+    C = contingency(task, xs * K, sum(ys_per_latent, []), [k for k in range(K) for _ in xs], K)
+    metrics["alignment_one_to_one"] = alignment_one_to_one(C, total=K * len(xs))
+    metrics["local_strategy_coverage_mean"], metrics["local_strategy_full_coverage_rate"] = \
+        local_coverage(task, xs, ys_per_latent)
+    metrics["controlled_answer_accuracy"] = sum(
+        task.check(x, y).correct for ys in ys_per_latent for x, y in zip(xs, ys) if y is not None) / (K * len(xs))
+    metrics["contingency"] = C.tolist()
+    q = posterior_distribution(fact, task, pairs) if pairs else torch.zeros(0, K)  # (N, K)
+    Cq = torch.zeros(K, len(task.strategies))
+    Cq.index_put_((q.argmax(-1), labels), torch.ones(len(labels)), accumulate=True)
+    metrics["posterior_accuracy"] = alignment_one_to_one(Cq)
+    metrics["router_usage"] = router_p.mean(0).tolist()
+    return metrics, {"q": q.numpy(), "contingency": C.numpy(), "posterior_contingency": Cq.numpy()}
+
+
+def continuous_scores(fact, task, xs, pairs, labels, seed):
+    """Router-sampled generation; probes from router draws and from posterior means to the
+    strategy; centroid geometry; decodes from each strategy's posterior centroid."""
+    mu_p, logvar_p = router_distribution(fact, task, xs)
+    eps = torch.randn(mu_p.shape, generator=torch.Generator().manual_seed(seed))
+    z = mu_p + (0.5 * logvar_p).exp() * eps  # (N, dz), z ~ p_phi(z|x)
+    ys = generate_ys(fact.lm, task, xs, latent=z, seed=seed)
+    metrics = {f"router/{k}": v for k, v in generation_metrics(task, xs, ys).items()}
+    decoded = [task.check(x, y).strategies if y is not None else frozenset() for x, y in zip(xs, ys)]
+    keep = [i for i, s in enumerate(decoded) if len(s) == 1]
+    z_labels = torch.tensor([task.strategies.index(next(iter(decoded[i]))) for i in keep], dtype=torch.long)
+    metrics["sampled_z_probe_acc"] = linear_probe_accuracy(task, [xs[i] for i in keep], z[keep], z_labels)
+    mu_q = posterior_distribution(fact, task, pairs)[0] if pairs else torch.zeros(0, z.shape[1])  # (M, dz)
+    metrics["posterior_mu_probe_acc"] = linear_probe_accuracy(task, [x for x, _ in pairs], mu_q, labels)
+    metrics["posterior_sampled_gap"] = metrics["posterior_mu_probe_acc"] - metrics["sampled_z_probe_acc"]
+    metrics.update(centroid_geometry(mu_q, labels, len(task.strategies)))
+    metrics["active_units"] = int((mu_q.var(0) > 0.01).sum()) if len(mu_q) > 1 else 0
+    metrics.update(centroid_control(fact, task, xs, mu_q, labels))
+    metrics["router_nearest_centroid_rate"] = nearest_centroid_rate(task, z, decoded, mu_q, labels)
+    return metrics, {"mu": mu_q.numpy(), "z_sampled": z[keep].numpy(), "z_strategy": z_labels.numpy()}
+
+
+def linear_probe_accuracy(task, xs, features, labels, test_fraction=1 / 3):
+    """A logistic probe from features (N, d) to strategy labels, scored on inputs it never saw."""
+    if len(labels) < 20:
+        return float("nan")
+    is_train = split_by_input(task, xs, test_fraction)
+    valid = torch.ones(1, len(labels), dtype=torch.bool)
+    return float(train_probes(features[None].float(), labels, valid, len(task.strategies), is_train)[0])
+
+
+def strategy_centroids(points, labels, n_classes, min_count=1):
+    """The mean of points (N, d) over each strategy with at least min_count rows: (present, (C, d))."""
+    present = [c for c in range(n_classes) if int((labels == c).sum()) >= min_count]
+    if not present:
+        return [], torch.zeros(0, points.shape[1])
+    return present, torch.stack([points[labels == c].mean(0) for c in present])
+
+
+def centroid_geometry(points, labels, n_classes):
+    """Mean pairwise distance of per-strategy centroids over the mean within-strategy spread."""
+    present, centroids = strategy_centroids(points, labels, n_classes, min_count=2)
+    if len(present) < 2:
+        return {"centroid_distance": float("nan"), "within_strategy_spread": float("nan"),
+                "centroid_pairwise_distance": float("nan")}
+    spread = torch.stack([(points[labels == c] - centroids[i]).norm(dim=-1).mean() for i, c in enumerate(present)])
+    dists = torch.pdist(centroids)
+    return {"centroid_distance": float(dists.mean() / spread.mean().clamp(min=1e-8)),
+            "within_strategy_spread": float(spread.mean()), "centroid_pairwise_distance": float(dists.mean())}
+
+
+def nearest_centroid_accuracy(points, labels, n_classes):
+    """The share of points (N, d) nearer their own strategy's centroid than any other's."""
+    present, centroids = strategy_centroids(points, labels, n_classes)
+    if not present:
+        return float("nan")
+    nearest = torch.tensor(present)[torch.cdist(points.float(), centroids.float()).argmin(1)]
+    return float((nearest == labels).float().mean())
+
+
+def centroid_control(fact, task, xs, mu, labels):
+    """Decode from each strategy's posterior centroid: the share of inputs that follow that strategy."""
+    shares = {}
+    present, centroids = strategy_centroids(mu, labels, len(task.strategies))
+    for c, centroid in zip(present, centroids):
+        ys = generate_ys(fact.lm, task, xs, latent=centroid.expand(len(xs), -1), temperature=0.0)
+        s = task.strategies[c]
+        shares[s] = sum(y is not None and s in task.check(x, y).strategies for x, y in zip(xs, ys)) / len(xs)
+    return {"centroid_control": shares, "centroid_control_mean": sum(shares.values()) / max(1, len(shares))}
+
+
+def nearest_centroid_rate(task, z, decoded, mu, labels):
+    """
+    The share of router draws z (N, dz) whose decode follows the strategy of the posterior centroid
+    nearest to z: 1 when the router's z space carries the posterior's code, lower when draws land
+    between centroids, where the generator was not trained. decoded: each draw's matched strategies.
+    """
+    present, centroids = strategy_centroids(mu, labels, len(task.strategies))  # (C, dz)
+    if not present:
+        return float("nan")
+    nearest = torch.cdist(z.float(), centroids.float()).argmin(1).tolist()  # (N,)
+    hits = [decoded[i] == {task.strategies[present[k]]} for i, k in enumerate(nearest)]
+    return sum(hits) / max(1, len(hits))
+
+
+def save_posterior_snapshot(path, step, snapshot):
+    """Add one evaluation's arrays to posterior.npz, one key per (array, step): 'q@300'; later steps go."""
+    data = read_snapshot(path) if os.path.exists(path) else {}
+    data = {k: v for k, v in data.items() if "@" not in k or int(k.split("@")[1]) < step}
+    data.update({f"{k}@{step}": v for k, v in snapshot.items()})
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Scoring a base model
 
 
@@ -352,18 +545,37 @@ def base_metrics(model, task, n_inputs=500, seed=0):
     return metrics
 
 
+def score_stage2_run(run, ckpt, n_inputs, device_name):
+    """Rescore a stage-2 run at its checkpoint on n_inputs held-out inputs (its own seed): metrics_<N>.json."""
+    from disentangle import Config, build_factorization, load_base  # stage 2 imports this file
+    cfg = Config(**{k: v for k, v in ckpt["train_config"].items() if k in Config.__dataclass_fields__})
+    device = pick_device(device_name)
+    _, task, base_dir, base_ckpt = load_base(cfg, device)
+    fact = build_factorization(cfg, task, base_dir, base_ckpt, device)
+    fact.load_state_dict(ckpt["model"])
+    metrics, _ = factorization_metrics(fact, task, n_inputs, cfg.seed)
+    step = ckpt["step"]
+    write_json(os.path.join(run, f"metrics_{n_inputs}.json"), {"step": step, "eval_inputs": n_inputs, **metrics})
+    print(f"step {step}, {n_inputs} inputs: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()
+                                                        if isinstance(v, float)))
+    return 0
+
+
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="Score a run folder's checkpoint; writes metrics.json there.")
-    parser.add_argument("run", help="a run folder holding ckpt.pt, e.g. runs/grid/base")
+    parser = OneLineParser(description="Score a run folder's checkpoint: a base run (metrics.json) "
+                                                 "or a stage-2 run (metrics_<inputs>.json).")
+    parser.add_argument("run", help="a run folder holding ckpt.pt, e.g. runs/grid_pathfinding/base")
     parser.add_argument("--inputs", type=int, default=500, help="held-out inputs to generate for")
-    parser.add_argument("--seed", type=int, default=0, help="seed for inputs and sampling")
+    parser.add_argument("--seed", type=int, default=0, help="base runs: seed for inputs and sampling "
+                                                            "(a stage-2 run uses its own)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
+    if not 1 <= args.inputs <= 100_000:
+        raise ValueError(f"--inputs must be between 1 and 100000, got {args.inputs}")
     path = os.path.join(args.run, "ckpt.pt")
     ckpt = load_checkpoint(path, vocab=VOCAB)
-    if "latent" in ckpt.get("train_config", {}):
-        raise ValueError(f"{path} is a stage-2 run: disentangle.py scores it into its metrics.json")
+    if "latent" in (ckpt.get("train_config") or {}):
+        return score_stage2_run(args.run, ckpt, args.inputs, args.device)
     task = get_task(ckpt["task"], **ckpt.get("task_options", {}))
     model = model_from_checkpoint(ckpt, path).to(pick_device(args.device))
     metrics = base_metrics(model, task, args.inputs, args.seed)
@@ -371,8 +583,7 @@ def main(argv=None):
     save_probe_snapshot(os.path.join(args.run, "probes.npz"), ckpt.get("step", 0), probes)  # refresh the last
     metrics["probe_first_position_95"] = first_decodable_position(probes["acc"])
     metrics["probe_chance"] = probes["chance"]
-    with open(os.path.join(args.run, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(os.path.join(args.run, "metrics.json"), metrics)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -17,7 +17,7 @@ Key Figures 1-3 as PNG and GIF, read from the run folders the two stages wrote.
 Writes runs/<task>/figures/*.png and *.gif. Only reads run folders; never trains or evaluates.
 """
 
-import argparse
+import json
 import os
 import sys
 
@@ -28,6 +28,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
+import torch  # noqa: E402
+
+from evaluate import alignment_one_to_one, centroid_geometry, nearest_centroid_accuracy, read_snapshot  # noqa: E402
+from model import OneLineParser  # noqa: E402
 from tasks import TASKS, get_task  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -36,10 +40,26 @@ from tasks import TASKS, get_task  # noqa: E402
 
 def load_snapshots(path):
     """posterior.npz holds 'name@step' arrays: returns (sorted steps, {name: [array per step]})."""
-    data = np.load(path)
-    steps = sorted({int(k.split("@")[1]) for k in data.files})
-    names = sorted({k.split("@")[0] for k in data.files})
-    return steps, {n: [data[f"{n}@{s}"] for s in steps if f"{n}@{s}" in data.files] for n in names}
+    data = read_snapshot(path)
+    if not data or any(k.count("@") != 1 or not k.split("@")[1].isdigit() for k in data):
+        raise ValueError(f"{path}: not a posterior snapshot of disentangle.py (keys 'name@step')")
+    steps = sorted({int(k.split("@")[1]) for k in data})
+    names = sorted({k.split("@")[0] for k in data})
+    return steps, {n: [data[f"{n}@{s}"] for s in steps if f"{n}@{s}" in data] for n in names}
+
+
+def check_run_task(run_dir, task):
+    """A run folder's config.json must name the task whose figures are being drawn."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f).get("task")
+    except FileNotFoundError:
+        return
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path}: unreadable config.json") from None
+    if saved is None or get_task(saved).name != task.name:
+        raise ValueError(f"{run_dir} holds a run of task {saved!r}, not {task.name}")
 
 
 def project_2d(points):
@@ -58,16 +78,6 @@ def simplex_2d(q):
     return q @ np.stack([np.sin(angles), np.cos(angles)], 1)
 
 
-def centroid_stats(points, labels):
-    """Mean pairwise centroid distance, mean within-strategy spread, and their ratio."""
-    present = [c for c in np.unique(labels) if (labels == c).sum() > 1]
-    centroids = np.stack([points[labels == c].mean(0) for c in present])
-    spread = np.mean([np.linalg.norm(points[labels == c] - centroids[i], axis=1).mean() for i, c in enumerate(present)])
-    pairs = [np.linalg.norm(a - b) for i, a in enumerate(centroids) for b in centroids[i + 1:]]
-    dist = float(np.mean(pairs)) if pairs else 0.0
-    return dist, float(spread), dist / max(float(spread), 1e-8)
-
-
 def save_gif(fig, update, frames, path):
     FuncAnimation(fig, update, frames=frames).save(path, writer=PillowWriter(fps=2))
     plt.close(fig)
@@ -78,7 +88,9 @@ def save_gif(fig, update, frames, path):
 
 
 def key_figure_1(task, base_dir, out):
-    snaps = np.load(os.path.join(base_dir, "probes.npz"))
+    snaps = read_snapshot(os.path.join(base_dir, "probes.npz"))
+    if not {"steps", "acc", "chance"} <= set(snaps):
+        raise ValueError(f"{base_dir}/probes.npz: not a probe snapshot of train_base.py")
     steps, acc, chance = snaps["steps"], snaps["acc"], float(snaps["chance"])  # acc (n, L+1, P)
     run = os.path.relpath(base_dir)
     final = acc[-1]
@@ -190,12 +202,16 @@ def key_figure_3(task, run_dir, latent, out):
     steps, snaps = load_snapshots(os.path.join(run_dir, "posterior.npz"))
     points = snaps["q"] if latent == "discrete" else snaps["mu"]
     labels, run = snaps["strategy"], os.path.relpath(run_dir)
-    stats = np.array([centroid_stats(p, lab) for p, lab in zip(points, labels)])  # (n, 3)
+    S = len(task.strategies)
+    geometry = [centroid_geometry(torch.from_numpy(p).float(), torch.from_numpy(lab).long(), S)
+                for p, lab in zip(points, labels)]
+    stats = np.array([[g["centroid_pairwise_distance"], g["within_strategy_spread"]] for g in geometry])  # (n, 2)
     if latent == "discrete":
-        decodable = [np.trace(C[:, best_columns(C)]) / max(C.sum(), 1) for C in snaps["posterior_contingency"]]
+        decodable = [alignment_one_to_one(torch.from_numpy(C)) for C in snaps["posterior_contingency"]]
         decodable_label = "posterior accuracy (best matching)"
     else:
-        decodable = [nearest_centroid_accuracy(p, lab) for p, lab in zip(points, labels)]
+        decodable = [nearest_centroid_accuracy(torch.from_numpy(p).float(), torch.from_numpy(lab).long(), S)
+                     for p, lab in zip(points, labels)]
         decodable_label = "nearest-centroid accuracy of mu"
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
     a1.plot(steps, stats[:, 0], "o-", label="mean centroid distance")
@@ -216,20 +232,6 @@ def key_figure_3(task, run_dir, latent, out):
                           simplex=latent == "discrete")
 
 
-def best_columns(C):
-    """Strategy column matched to each latent row by the best one-to-one assignment (K <= S)."""
-    from itertools import permutations
-    K, S = C.shape
-    return list(max(permutations(range(S), K), key=lambda p: sum(C[k, p[k]] for k in range(K))))
-
-
-def nearest_centroid_accuracy(points, labels):
-    centroids = {c: points[labels == c].mean(0) for c in np.unique(labels)}
-    keys = list(centroids)
-    dists = np.stack([np.linalg.norm(points - centroids[c], axis=1) for c in keys], 1)
-    return float((np.array(keys)[dists.argmin(1)] == labels).mean())
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -240,15 +242,18 @@ def render_task(name, runs="runs"):
     if not os.path.exists(os.path.join(base_dir, "probes.npz")):
         raise FileNotFoundError(f"{base_dir}/probes.npz is missing: run stage 1 first "
                                 f"(python train_base.py --task {task.alias})")
+    latents = [latent for latent in ("discrete", "continuous")
+               if os.path.exists(os.path.join(root, latent, "posterior.npz"))]
+    for run_dir in [base_dir] + [os.path.join(root, latent) for latent in latents]:
+        check_run_task(run_dir, task)
     out = os.path.join(root, "figures")
     os.makedirs(out, exist_ok=True)
     key_figure_1(task, base_dir, out)
     done = ["Key Figure 1"]
-    for latent in ("discrete", "continuous"):
-        if os.path.exists(os.path.join(root, latent, "posterior.npz")):
-            key_figure_2(task, os.path.join(root, latent), latent, out)
-            key_figure_3(task, os.path.join(root, latent), latent, out)
-            done.append(f"Key Figures 2-3 ({latent})")
+    for latent in latents:
+        key_figure_2(task, os.path.join(root, latent), latent, out)
+        key_figure_3(task, os.path.join(root, latent), latent, out)
+        done.append(f"Key Figures 2-3 ({latent})")
     if len(done) == 1:
         print(f"{task.name}: no stage-2 run yet (python disentangle.py --task {task.alias}); "
               f"rendered Key Figure 1 only")
@@ -257,7 +262,7 @@ def render_task(name, runs="runs"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="grid", help="task name or alias")
     parser.add_argument("--all", action="store_true", help="every task that has a runs/<task>/base folder")
     parser.add_argument("--runs", default="runs", help="the folder holding the run folders")
@@ -271,9 +276,12 @@ def main(argv=None):
                 render_task(name, args.runs)
         else:
             render_task(args.task, args.runs)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyError as e:
+        print(f"error: a snapshot in {args.runs} lacks the array {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,16 +13,22 @@ A small GPT written from scratch (after nanoGPT), with the hooks strategy disent
 - `forward(..., return_hidden=True)` also returns the residual stream after the embedding and
   after each block, (B, L+1, T, d), for the linear probes.
 - `generate` samples a batch of prompts of different lengths with a KV cache.
+- `Factorization` is stage 2's model: the router and generator share one copy of a base model,
+  the posterior reads (x, y) through a second copy and a pooling head.
 - Checkpoints are plain dicts written atomically and read with `torch.load(weights_only=True)`.
 
 This file knows nothing of the tasks; callers pass the vocabulary size and special token ids.
 """
 
 import argparse
+import glob
+import json
 import math
 import os
+import platform
 import random
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
@@ -303,6 +309,22 @@ def pick_device(name="auto"):
     return name
 
 
+def machine_info(device):
+    """Where and when a run started, for the results tables: device, its name, threads, date, command."""
+    return {"device": str(device), "name": torch.cuda.get_device_name(device) if str(device).startswith("cuda")
+            else cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def autocast(device, bf16):
     """bf16 autocast on CUDA when asked for; a no-op elsewhere."""
     if bf16 and str(device).startswith("cuda"):
@@ -323,8 +345,13 @@ def save_checkpoint(path, model, vocab, task, **state):
     ckpt = {"model": model.state_dict(), "model_config": asdict(model.config),
             "vocab": list(vocab), "task": task, **state}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a save that was interrupted
+        os.remove(stale)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(ckpt, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -350,7 +377,10 @@ def load_checkpoint(path, vocab=None, task=None):
 
 def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
     """Build a GPT from a checkpoint's config (fields in overrides replace saved ones) and load it."""
-    cfg = GPTConfig(**{**ckpt["model_config"], **overrides})
+    try:
+        cfg = GPTConfig(**{**ckpt["model_config"], **overrides})
+    except TypeError as e:  # a field this code does not have, or one missing
+        raise CheckpointError(f"{path}: its model_config does not fit this code ({e})") from None
     model = GPT(cfg)
     try:
         result = model.load_state_dict(ckpt["model"], strict=False)
@@ -364,6 +394,59 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
 
 
 # ----------------------------------------------------------------------------------------------
+# The factorization of stage 2: router, generator and posterior, all initialised from a base model
+
+
+class Factorization(nn.Module):
+    """
+    lm:          router p_phi(z|x) and generator p_psi(y|x,z), one causal LM from the base
+    posterior:   a second copy of the base backbone; post_head maps its mean y-state to
+                 K logits (discrete) or (mu, log sigma^2) (continuous)
+    router_head: continuous only, (mu, log sigma^2) of p_phi(z|x) from the LM's state at <z>
+    codes:       continuous only, the corners (C, dz) a clustered posterior is sent to; fixed by
+                 the caller, so not saved
+    latent_ids are the K latent tokens (discrete), empty_id the no-op <z_empty> each starts from.
+    """
+
+    def __init__(self, base_ckpt, path, latent, latent_ids, empty_id, dz, codes, seed=0):
+        super().__init__()
+        self.latent, self.K, self.dz = latent, len(latent_ids), dz
+        self.latent_ids, self.empty_id = list(latent_ids), empty_id
+        self.lm = model_from_checkpoint(base_ckpt, path, **({"latent_dim": dz} if latent == "continuous" else {}))
+        self.posterior = model_from_checkpoint(base_ckpt, path)
+        self.config, d = self.lm.config, self.lm.config.n_embd  # config: saved with checkpoints
+        self.post_head = nn.Linear(d, self.K if latent == "discrete" else 2 * dz)
+        nn.init.normal_(self.post_head.weight, std=0.02)
+        nn.init.zeros_(self.post_head.bias)
+        self.router_head = nn.Linear(d, 2 * dz) if latent == "continuous" else None
+        if latent == "continuous":
+            nn.init.zeros_(self.router_head.weight)  # p_phi starts at N(0, I) for every x
+            nn.init.zeros_(self.router_head.bias)
+            self.register_buffer("codes", codes, persistent=False)
+        else:  # each <zk> starts as the no-op <z_empty> plus noise (seeded) that breaks their symmetry
+            with torch.no_grad():
+                emb = self.lm.tok_emb.weight
+                noise = torch.randn(self.K, emb.shape[1], generator=torch.Generator().manual_seed(seed))
+                emb[self.latent_ids] = emb[empty_id] + noise.to(emb.device) * 3 * emb[empty_id].std()
+
+    @torch.no_grad()
+    def shrink_latent_noise(self, factor):
+        """Move each <zk> embedding towards <z_empty> by factor (discrete; used at step 0 only)."""
+        emb, rows = self.lm.tok_emb.weight, self.latent_ids
+        emb[rows] = emb[self.empty_id] + factor * (emb[rows] - emb[self.empty_id])
+
+    def posterior_features(self, idx, y_state_mask):
+        """The posterior backbone's final states averaged over the y tokens: (B, T) -> (B, d)."""
+        h = self.posterior.ln_f(self.posterior(idx, return_hidden=True)[1][:, -1])  # (B, T, d)
+        w = y_state_mask.float() / y_state_mask.sum(1, keepdim=True)  # (B, T)
+        return (h * w.unsqueeze(-1)).sum(1)
+
+    def posterior_params(self, idx, y_state_mask):
+        """The posterior head on the pooled states: (B, out), K logits or (mu, log sigma^2)."""
+        return self.post_head(self.posterior_features(idx, y_state_mask))
+
+
+# ----------------------------------------------------------------------------------------------
 # Run utilities shared by the stage scripts: config dataclass -> argparse, seeding, errors
 
 
@@ -372,29 +455,76 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_config(cls, argv=None, description=""):
-    """Build an argparse parser from a config dataclass's fields and return an instance."""
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_config(cls, argv=None, description="", epilog=""):
+    """Build an argparse parser from a config dataclass's fields. Returns the config and the set of
+    field names the command line gave (so a stage can fill the others from its recipe)."""
+    parser = OneLineParser(description=description, epilog=epilog, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
-        name, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        name, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', '')} (default: {f.default})"
         if f.type in (bool, "bool"):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(name, type=typ, default=f.default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
+            parser.add_argument(name, type=typ, default=None, help=help_text)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return cls(**given), set(given)
 
 
-def check_resume_config(saved, now, free=("resume", "device", "steps")):
+def check_numbers(cfg, positive=(), at_most=None):
+    """Every float field finite and in [0, 1e6], every int in [0, 10^7], those named in positive > 0,
+    and those in at_most (name -> bound) no larger than what one machine can hold or finish."""
+    for f in fields(cfg):
+        value, name = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not (math.isfinite(value) and 0 <= value <= 1e6):
+            raise ValueError(f"{name} must be a finite number in [0, 1e6], got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 10 ** 7:
+            raise ValueError(f"{name} must be in [0, 10^7], got {value}")
+        if f.name in positive and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+        if f.name in (at_most or {}) and value > at_most[f.name]:
+            raise ValueError(f"{name} must be at most {at_most[f.name]}, got {value}")
+
+
+def check_resume_config(saved, now, free=("resume", "device", "steps", "out")):
     """--resume must continue the same run: every setting but those in `free` must match."""
+    if not isinstance(saved, dict):
+        raise CheckpointError("the checkpoint has no train_config to resume from")
     changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
     if changed:
         raise ValueError(f"--resume with settings that differ from the saved run: {changed}")
+
+
+def write_json(path, record):
+    """Write a JSON file atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path, step):
+    """On resume, drop the log lines written after the checkpoint's step (step -1: all of them)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def seed_everything(seed):
@@ -404,12 +534,13 @@ def seed_everything(seed):
 
 
 def run_main(main, argv=None):
-    """Run a stage's main(); user errors become one line on stderr and exit status 1."""
+    """Run a stage's main(); an error the user can cause (a bad value, a checkpoint or snapshot
+    that does not fit, a file-system error) becomes one line on stderr and exit status 2."""
     try:
         return main(argv)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept (resume with --resume)", file=sys.stderr)
         return 130

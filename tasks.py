@@ -207,13 +207,23 @@ def input_split(x_tokens, test_fraction=0.1):
     return "test" if h % 1000 < test_fraction * 1000 else "train"
 
 
+MAX_SPLIT_DRAWS = 10_000  # a split this rare is (nearly) empty: fail instead of looping
+
+
 def sample_split_input(task, rng, split):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    while True:
+    for _ in range(MAX_SPLIT_DRAWS):
         x = task.sample_input(rng)
         if input_split(task.input_tokens(x)) == split:
             return x
+    raise ValueError(f"{task.name}: no {split} input in {MAX_SPLIT_DRAWS} draws; its options "
+                     f"({task_options_text(task)}) leave too few distinct inputs for a {split} split")
+
+
+def task_options_text(task):
+    """The task's integer knobs as key=value, e.g. 'n=5, max_value=9'."""
+    return ", ".join(f"{k}={getattr(task, k)}" for k in integer_options(type(task)) if hasattr(task, k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,21 +630,44 @@ def get_task(name, **options):
     return TASKS[canonical_name(name)](**options)
 
 
+def integer_options(cls):
+    """A task class's integer knobs and their defaults."""
+    return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+            if isinstance(p.default, int) and not isinstance(p.default, bool)}
+
+
 def parse_task_options(name, text):
     """'n_digits=2' -> {'n_digits': 2}: the task's integer knobs, checked against its signature."""
     cls = TASKS[canonical_name(name)]
-    knobs = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
-             if isinstance(p.default, int) and not isinstance(p.default, bool)}
-    options = {}
+    knobs, options = integer_options(cls), {}
     for item in filter(None, text.split(",")):
         key, _, value = (part.strip() for part in item.partition("="))
         if key not in knobs:
             raise ValueError(f"{cls.name} has no integer option {key!r}; its options: "
                              + ", ".join(f"{k}={v}" for k, v in knobs.items()))
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"task option {key} must be a positive integer, got {value!r}")
+        if key in options:
+            raise ValueError(f"task option {key} is given twice")
+        if not value.isdigit() or not 1 <= int(value) <= 10 ** 6:
+            raise ValueError(f"task option {key} must be an integer in 1..10^6, got {value!r}")
         options[key] = int(value)
     return options
+
+
+def check_task(task, draws=200, seed=0):
+    """Draw inputs from both splits and return the longest record (tokens): a ValueError naming
+    the options when they leave a split empty or an input range empty."""
+    rng, longest = random.Random(seed), 0
+    try:
+        for split in ("train", "test"):
+            for _ in range(draws):
+                x, _, y = task.sample(rng, split)
+                longest = max(longest, len(record_tokens(task.input_tokens(x), y)))
+    except ValueError as e:
+        if "empty range" not in str(e):
+            raise
+        raise ValueError(f"{task.name}: its options ({task_options_text(task)}) leave an empty range "
+                         f"to draw inputs from") from None
+    return longest
 
 
 # ----------------------------------------------------------------------------------------------

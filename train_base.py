@@ -27,7 +27,6 @@ snapshot (Key Figure 1 over training).
 Writes runs/<task>/base/: ckpt.pt, config.json, log.jsonl, metrics.json, probes.npz.
 """
 
-import json
 import os
 import random
 import sys
@@ -38,10 +37,12 @@ import torch
 from tqdm import tqdm
 
 from evaluate import base_metrics, first_decodable_position, probe_grid, save_probe_snapshot
-from model import (GPT, GPTConfig, arg, autocast, check_resume_config, configure_optimizer, learning_rate,
-                   load_checkpoint, model_from_checkpoint, pad_batch, parse_config, pick_device, run_main,
-                   save_checkpoint, seed_everything, token_log_probs)
-from tasks import PAD, VOCAB, encode, get_task, parse_task_options, prompt_tokens, record_tokens
+from model import (GPT, GPTConfig, append_jsonl, arg, autocast, check_numbers, check_resume_config,
+                   configure_optimizer, learning_rate, load_checkpoint, machine_info, model_from_checkpoint,
+                   pad_batch, parse_config, pick_device, run_main, save_checkpoint, seed_everything,
+                   token_log_probs, truncate_log, write_json)
+from tasks import (PAD, VOCAB, check_task, encode, get_task, parse_task_options, prompt_tokens, record_tokens,
+                   task_options_text)
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -78,12 +79,10 @@ class Config:
     bf16: bool = arg(False, "bf16 autocast (CUDA only)")
 
     def validate(self):
-        for name in ("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs", "probe_inputs",
-                     "log_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.steps < 0 or self.warmup < 0 or self.lr <= 0:
-            raise ValueError("--steps and --warmup must be >= 0 and --lr > 0")
+        check_numbers(self, positive=("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs",
+                                      "probe_inputs", "log_interval", "lr", "grad_clip"),
+                      at_most={"batch_size": 4096, "n_layer": 64, "n_head": 64, "n_embd": 4096,
+                               "eval_inputs": 100_000, "probe_inputs": 100_000})
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
 
@@ -131,56 +130,41 @@ def y_loss(model, idx, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging and snapshots
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path, step):
-    """On resume, drop log lines written after the checkpoint's step."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
     cfg.validate()
     task_options = {"mixture": cfg.mixture, **parse_task_options(cfg.task, cfg.task_options)}
     task = get_task(cfg.task, **task_options)
+    model_cfg = GPTConfig(vocab_size=len(VOCAB), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    longest = check_task(task)  # before any work: the options leave both splits non-empty
+    if longest > model_cfg.block_size:
+        raise ValueError(f"{task.name} records reach {longest} tokens with options ({task_options_text(task)}), "
+                         f"more than the model's block size {model_cfg.block_size}")
     out = cfg.out or os.path.join("runs", task.name, "base")
     total_steps = cfg.steps or TASK_STEPS[task.name]
     device = pick_device(cfg.device)
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
     seed_everything(cfg.seed)
 
-    model_cfg = GPTConfig(vocab_size=len(VOCAB), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     model = GPT(model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     start_step = 0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task.name)
-        check_resume_config(ckpt["train_config"], asdict(cfg))
+        check_resume_config(ckpt.get("train_config"), asdict(cfg))
         model = model_from_checkpoint(ckpt, ckpt_path).to(device)
         optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
-        truncate_log(log_path, start_step)
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg)}, f, indent=2)
+    truncate_log(log_path, start_step if cfg.resume else -1)  # a fresh run starts a fresh log
+    write_json(os.path.join(out, "config.json"), {**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg),
+                                                  "machine": machine_info(device)})
 
     def checkpoint(step, metrics):
         save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options=task_options,
@@ -228,8 +212,7 @@ def main(argv=None):
                        f"probe95@{metrics['probe_first_position_95']}")
     if metrics:
         metrics["train_seconds"] = time.perf_counter() - t0
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(os.path.join(out, "metrics.json"), metrics)
     return 0
 
 

@@ -50,5 +50,5 @@ def test_renders_every_figure(tmp_path, latents):
 
 
 def test_missing_stage_is_named(tmp_path, capsys):
-    assert figures.main(["--task", "sort", "--runs", str(tmp_path)]) == 1
+    assert figures.main(["--task", "sort", "--runs", str(tmp_path)]) == 2
     assert "run stage 1 first" in capsys.readouterr().err

@@ -6,7 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from tasks import ALIASES, TASKS, VOCAB, Task, decode, encode, get_task, parse_task_options, record_tokens
+from tasks import (ALIASES, TASKS, VOCAB, Task, check_task, decode, encode, get_task, parse_task_options,
+                   record_tokens)
 
 N_INPUTS = 2000
 
@@ -144,8 +145,18 @@ def test_task_options_are_the_tasks_integer_knobs():
     assert parse_task_options("sum", "") == {}
     with pytest.raises(ValueError, match="no integer option 'source_bases'"):
         parse_task_options("base", "source_bases=3")  # a tuple, not an integer knob
-    for bad in ("n_digits=0", "n_digits=two", "n_digits"):
-        with pytest.raises(ValueError, match="positive integer"):
+    for bad in ("n_digits=0", "n_digits=two", "n_digits", "n_digits=9999999"):
+        with pytest.raises(ValueError, match="must be an integer in 1..10"):
             parse_task_options("add", bad)
+    with pytest.raises(ValueError, match="given twice"):
+        parse_task_options("add", "n_digits=2,n_digits=3")
+
+
+def test_empty_or_degenerate_options_fail_fast_naming_them():
+    with pytest.raises(ValueError, match=r"no train input in 10000 draws; its options \(n=5, max_value=1\)"):
+        check_task(get_task("sum", max_value=1))
+    with pytest.raises(ValueError, match=r"options \(max_coef=1, max_value=9\) leave an empty range"):
+        check_task(get_task("linear", max_coef=1))
+    assert 40 < check_task(get_task("grid")) <= 160  # the longest record drawn, in tokens
     task, rng = get_task("add", n_digits=2), random.Random(0)
     assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in (task.sample_input(rng) for _ in range(50)))

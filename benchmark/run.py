@@ -1,0 +1,211 @@
+"""
+The benchmark: train the base models and the stage-2 recipes of a list of (task, latent, seed)
+runs, then write docs/results.md from the run folders. Finished runs are skipped, stopped ones
+resumed, so running it again costs only what is missing and rewrites the same file.
+
+    python benchmark/run.py                                    # the default sweep, 2 jobs on a 2-core CPU
+    python benchmark/run.py --tasks grid --latents discrete --seeds 0 1 2
+    python benchmark/run.py --device cuda --jobs 8             # a GPU: every run at once
+    python benchmark/run.py --report-only                      # only rewrite docs/results.md
+
+Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<S>; logs in
+runs/benchmark/logs/. Each job gets cores / jobs threads.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from disentangle import Config as Stage2Config  # noqa: E402
+from tasks import get_task  # noqa: E402
+
+# the base model each task's stage 2 starts from (2-digit addition: the recipe's base)
+BASE_ARGS = {"grid": [], "linear": [], "sort": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"],
+             "sum": [], "base": []}
+DEFAULT_TASKS, DEFAULT_LATENTS, DEFAULT_SEEDS = ("grid", "linear", "add", "sort"), ("discrete", "continuous"), (0, 1, 2)
+TARGETS = {  # key -> the least value that meets the target (docs/metrics.md)
+    "base": {"answer_accuracy": 0.99, "parse_rate": 0.995},
+    "discrete": {"alignment_one_to_one": 0.9, "local_strategy_full_coverage_rate": 0.8, "router/answer_accuracy": 0.98},
+    "continuous": {"sampled_z_probe_acc": 0.9, "posterior_mu_probe_acc": 0.95, "router/answer_accuracy": 0.98,
+                   "lowest_centroid_control": 0.8},
+}
+
+
+def run_folder(runs, task, latent=None, seed=None):
+    name = get_task(task).name
+    return os.path.join(runs, name, "base" if latent is None else f"{latent}_seed{seed}")
+
+
+def jobs_for(args):
+    """The (name, folder, command, prerequisite folder) of every run, bases first."""
+    jobs = []
+    for task in args.tasks:
+        base = run_folder(args.runs, task)
+        jobs.append((f"{task}-base", base, ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None))
+        for latent in args.latents:
+            for seed in args.seeds:
+                out = run_folder(args.runs, task, latent, seed)
+                command = ["disentangle.py", "--task", task, "--latent", latent, "--seed", str(seed),
+                           "--base", base, "--out", out]
+                jobs.append((f"{task}-{latent}-seed{seed}", out, command, base))
+    return jobs
+
+
+def finished(folder):
+    return os.path.exists(os.path.join(folder, "metrics.json"))
+
+
+def run_jobs(args):
+    """Run what is missing, args.jobs at a time; a stopped run (a checkpoint, no metrics) resumes."""
+    pending = [j for j in jobs_for(args) if not finished(j[1])]
+    running, failed = {}, set()
+    os.makedirs(os.path.join(args.runs, "logs"), exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    while pending or running:
+        for job in [j for j in pending if len(running) < args.jobs]:
+            name, folder, command, needs = job
+            if needs in failed:
+                pending.remove(job)
+                failed.add(folder)
+                print(f"skip  {name}: its base model failed")
+            elif needs is None or finished(needs):
+                pending.remove(job)
+                resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+                log = open(os.path.join(args.runs, "logs", f"{name}.log"), "a")
+                env = {**os.environ, "OMP_NUM_THREADS": threads}
+                full = [sys.executable, *command, "--device", args.device, *resume]
+                running[name] = (subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                 folder, time.time())
+                print(f"start {name}{' (resume)' if resume else ''}")
+        for name, (proc, folder, started) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode:
+                    failed.add(folder)
+                print(f"{'done ' if not proc.returncode else 'FAIL '} {name} in {time.time() - started:.0f} s"
+                      + (f" (exit {proc.returncode}, see {args.runs}/logs/{name}.log)" if proc.returncode else ""))
+        time.sleep(2)
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/results.md from the run folders
+
+
+def read(folder, name):
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def stage2_values(metrics, latent):
+    values = dict(metrics)
+    if latent == "continuous":
+        values["lowest_centroid_control"] = min(metrics["centroid_control"].values(), default=float("nan"))
+    return values
+
+
+def fmt(value):
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def settings(config):
+    """The resolved stage-2 settings that differ from the Config defaults: the recipe as it ran."""
+    defaults = vars(Stage2Config())
+    skip = {"task", "latent", "seed", "base", "out", "device", "resume"}
+    return ", ".join(f"{k}={v}" for k, v in config.items() if k in defaults and k not in skip and v != defaults[k])
+
+
+def machine(config):
+    m = config.get("machine", {})
+    return f"{m.get('name', '?')}, {m.get('threads', '?')} threads", m.get("started", "?")
+
+
+def base_table(runs, tasks):
+    keys = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
+    rows = ["| task | command | steps | wall-clock | machine | started | " + " | ".join(keys) + " |",
+            "|---" * (6 + len(keys)) + "|"]
+    for task in tasks:
+        folder = run_folder(runs, task)
+        config, metrics = read(folder, "config.json"), read(folder, "metrics.json")
+        if not (config and metrics):
+            continue
+        where, started = machine(config)
+        rows.append(f"| {get_task(task).name} | `{config['machine']['command']}` | {config['steps']} | "
+                    f"{metrics['train_seconds']:.0f} s | {where} | {started} | "
+                    + " | ".join(fmt(metrics[k]) for k in keys) + " |")
+    return rows
+
+
+def stage2_table(runs, tasks, latent, seeds):
+    keys = list(TARGETS[latent])
+    rows = []
+    for task in tasks:
+        found = []
+        for seed in seeds:
+            folder = run_folder(runs, task, latent, seed)
+            config, metrics = read(folder, "config.json"), read(folder, "metrics.json")
+            if config and metrics:
+                found.append((seed, config, stage2_values(metrics, latent)))
+        if not found:
+            continue
+        name = get_task(task).name
+        rows += [f"### {name}, {latent}", "", f"Recipe as resolved: `{settings(found[0][1])}`.", "",
+                 "| seed | steps | inputs | wall-clock | machine | started | " + " | ".join(keys) + " | meets all |",
+                 "|---" * (7 + len(keys)) + "|"]
+        for seed, config, values in found:
+            where, started = machine(config)
+            meets = all(values[k] >= target for k, target in TARGETS[latent].items())
+            rows.append(f"| {seed} | {config['steps']} | {values.get('eval_inputs', '?')} | "
+                        f"{values['train_seconds']:.0f} s | {where} | {started} | "
+                        + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
+        n_meet = sum(all(v[k] >= t for k, t in TARGETS[latent].items()) for _, _, v in found)
+        for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
+            cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
+            rows.append(f"| **{label}** | | | | | | {cells} | {f'{n_meet} of {len(found)}' if label == 'min' else ''} |")
+        rows.append("")
+    return rows
+
+
+def write_report(args):
+    lines = ["# Results", "",
+             "Generated by `python benchmark/run.py` from the run folders under `runs/benchmark/`; do not edit",
+             "by hand. Every row is read from its folder's config.json (the command, the resolved settings,",
+             "machine and start) and metrics.json (the final evaluation and the wall-clock). Targets: "
+             + "; ".join(f"{kind}: " + ", ".join(f"{k} >= {v}" for k, v in t.items()) for kind, t in TARGETS.items())
+             + ".", "", "## Base models", ""]
+    lines += base_table(args.runs, args.tasks) + [""]
+    for latent in args.latents:
+        lines += [f"## Stage 2, {latent} latent", ""] + stage2_table(args.runs, args.tasks, latent, args.seeds)
+    with open(args.report, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.report}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(BASE_ARGS))
+    parser.add_argument("--latents", nargs="+", default=list(DEFAULT_LATENTS), choices=list(DEFAULT_LATENTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (2 on a 2-core CPU; a GPU takes many)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps, passed to every run")
+    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "benchmark"), help="where the run folders go")
+    parser.add_argument("--report", default=os.path.join(ROOT, "docs", "results.md"), help="the file to write")
+    parser.add_argument("--report-only", action="store_true", help="do not run anything, only write the report")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    code = 0 if args.report_only else run_jobs(args)
+    write_report(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
