@@ -1,10 +1,13 @@
 """
-Benchmarks of model.py on this machine, printed as one JSON line.
+Benchmarks of this machine for the project's models, printed as one JSON line (under a minute
+on a 2-core CPU).
 
 - training: forward + backward + AdamW step at n_layer=4, n_head=4, n_embd=128, T=128, batch 64;
   tokens/s, achieved GFLOP/s (6 N per token for the matmuls plus 12 L T d for attention), the
   machine's float32 matmul GFLOP/s measured in the same run, and their ratio (MFU);
-- sampling: batch 256, prompt 16, 100 new tokens, KV cache against full recomputation.
+- sampling: batch 128, prompt 16, 64 new tokens, KV cache against full recomputation;
+- stage 2: optimisation steps per second of the discrete recipe with K=3 (grid) and K=5 (sort)
+  and of the continuous recipe (grid), from an untrained base of the default size.
 
     python bench.py                 # CPU
     python bench.py --device cuda
@@ -12,11 +15,14 @@ Benchmarks of model.py on this machine, printed as one JSON line.
 
 import argparse
 import json
+import random
 import time
 
 import torch
 
+import disentangle as D
 from model import GPT, GPTConfig, configure_optimizer, pick_device
+from tasks import VOCAB, get_task
 
 
 def sync(device):
@@ -24,8 +30,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -63,26 +70,45 @@ def training_throughput(device, steps):
 def sampling_speedup(device, repeats):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=128)).to(device).eval()
-    prompts = torch.randint(3, 64, (256, 16)).tolist()
-    run = lambda cache: model.generate(prompts, 100, eos_id=-1, pad_id=0, temperature=1.0,
+    prompts = torch.randint(3, 64, (128, 16)).tolist()
+    run = lambda cache: model.generate(prompts, 64, eos_id=-1, pad_id=0, temperature=1.0,
                                        generator=torch.Generator(device=device).manual_seed(0), use_cache=cache)
-    return timed(lambda: run(True), device, repeats), timed(lambda: run(False), device, repeats)
+    return timed(lambda: run(True), device, repeats), timed(lambda: run(False), device, repeats, warmup=0)
+
+
+def stage2_steps_per_s(device, task_name, latent, steps):
+    """Optimisation steps per second of the (task, latent) recipe, on batches of DGP pairs."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=len(VOCAB))).to(device).eval()
+    base_ckpt = {"model": base.state_dict(), "model_config": vars(base.config)}
+    cfg = D.Config(task=task_name, latent=latent)
+    D.apply_recipe(cfg, set())
+    task = get_task(task_name)
+    fact = D.build_factorization(cfg, task, ".", base_ckpt, device)
+    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    step = iter(range(10 ** 6))
+    seconds = timed(lambda: D.train_step(fact, base, task, optimizer, cfg, next(step), device, False), device, steps)
+    return 1 / seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each training benchmark")
     args = parser.parse_args()
     device = pick_device(args.device)
+    random.seed(0)
     tokens_per_s, achieved = training_throughput(device, args.steps)
     peak = matmul_gflops(device)
     cached, full = sampling_speedup(device, 1)
+    stage2 = {f"stage2_{latent}_{name}_steps_per_s": round(stage2_steps_per_s(device, task, latent, args.steps), 2)
+              for name, task, latent in (("k3", "grid", "discrete"), ("k5", "sort", "discrete"),
+                                         ("grid", "grid", "continuous"))}
     print(json.dumps({"device": device, "threads": torch.get_num_threads(),
                       "train_tokens_per_s": round(tokens_per_s), "train_gflops": round(achieved, 1),
                       "matmul_gflops": round(peak, 1), "mfu_vs_matmul": round(achieved / peak, 3),
                       "sample_cached_s": round(cached, 3), "sample_full_s": round(full, 3),
-                      "kv_cache_speedup": round(full / cached, 2)}))
+                      "kv_cache_speedup": round(full / cached, 2), **stage2}))
 
 
 if __name__ == "__main__":

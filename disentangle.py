@@ -140,6 +140,7 @@ class Config:
 LATENT_RECIPES = {"discrete": {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1},
                   "continuous": {"router_marginal_kl": 1.0}}
 TASK_RECIPES = {
+    ("grid_pathfinding", "discrete"): {"cluster_init": 16, "reassign": 300},
     ("linear_equation_solving", "continuous"): {"cluster_init": 16},
     ("multidigit_addition", "discrete"): {"cluster_init": 16, "steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0},
@@ -364,11 +365,10 @@ def continuous_pass(fact, batch, S):
     eps = torch.randn(B, S, mu_q.shape[-1], device=mu_q.device)  # (B, S, dz)
     z = (mu_q[:, None] + (0.5 * logvar_q[:, None]).exp() * eps).reshape(B * S, -1)  # (B*S, dz)
     gen_idx = batch["base_idx"].repeat_interleave(S, dim=0)  # (B*S, T)
-    logits, hidden = fact.lm(gen_idx, latent=z, latent_pos=batch["slot_pos"].repeat_interleave(S),
-                             return_hidden=True)
+    logits, last = fact.lm(gen_idx, latent=z, latent_pos=batch["slot_pos"].repeat_interleave(S), last_hidden=True)
     token_logp = token_log_probs(logits, gen_idx).view(B, S, -1) * batch["base_mask"][:, None]
     # the router reads the state at <z>, before the slot, so it never sees z
-    route_state = fact.lm.ln_f(hidden[::S, -1][torch.arange(B), batch["route_pos"]])  # (B, d)
+    route_state = fact.lm.ln_f(last[::S][torch.arange(B), batch["route_pos"]])  # (B, d)
     mu_p, logvar_p = fact.router_head(route_state).float().chunk(2, dim=-1)
     return ContinuousPass(token_logp, mu_q, logvar_q, mu_p, logvar_p)
 
@@ -400,7 +400,8 @@ def objective(fact, base, batch, cfg):
             log_pi = prefix_posterior(p.router_logp, p.token_logp, mask) if cfg.jsd_prefix else None
             aux["aux/jsd"] = -cfg.jsd * jsd_loss(p.gen_logits, jsd_weights, fact.K, stats.support, log_pi).mean()
         log_marginal = torch.logsumexp(p.router_logp + p.token_logp.sum(-1), dim=-1)  # exact log p(y|x)
-        diagnostics = {"diag/log_marginal": log_marginal.mean(), "diag/elbo_gap": (log_marginal + raw_recon + kl).mean(),
+        diagnostics = {"diag/log_marginal": log_marginal.mean(),
+                       "diag/elbo_gap": (log_marginal + raw_recon + kl).mean(),
                        "diag/router_outside_mass": p.router_outside.mean(),
                        "usage/router": p.router_logp.exp().mean(0), "usage/posterior": q.mean(0)}
     else:
@@ -409,11 +410,13 @@ def objective(fact, base, batch, cfg):
         kl_dims = gaussian_kl(p.posterior_mu, p.posterior_logvar, p.router_mu, p.router_logvar)  # (B, dz)
         kl = kl_dims.sum(-1)
         if cfg.posterior_variance:
-            aux["aux/posterior_variance"] = cfg.posterior_variance * posterior_variance_loss(p.posterior_logvar).mean()
+            variance = posterior_variance_loss(p.posterior_logvar).mean()
+            aux["aux/posterior_variance"] = cfg.posterior_variance * variance
         if cfg.router_marginal_kl:
             aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * gaussian_marginal_kl_loss(p.router_mu,
                                                                                                 p.router_logvar)
-        diagnostics = {"diag/posterior_var": p.posterior_logvar.exp().mean(), "diag/router_var": p.router_logvar.exp().mean(),
+        diagnostics = {"diag/posterior_var": p.posterior_logvar.exp().mean(),
+                       "diag/router_var": p.router_logvar.exp().mean(),
                        "diag/elbo": -(raw_recon + kl).mean(), "diag/kl_per_dim": kl_dims.mean(0)}
     if cfg.normalized_recon:
         recon = normalized_recon(recon, -(stats.token_logp * weights).sum(-1))
@@ -671,7 +674,8 @@ def main(argv=None):
     device = pick_device(cfg.device)
     base, task, base_dir, base_ckpt = load_base(cfg, device)
     if cfg.cluster_init > base.config.n_embd:  # no more principal components than feature dimensions
-        raise ValueError(f"--cluster-init must be at most the model width {base.config.n_embd}, got {cfg.cluster_init}")
+        raise ValueError(f"--cluster-init must be at most the model width {base.config.n_embd}, "
+                         f"got {cfg.cluster_init}")
     out = cfg.out or os.path.join("runs", task.name, cfg.latent)
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
     seed_everything(cfg.seed)
@@ -697,7 +701,8 @@ def main(argv=None):
                             train_config=asdict(cfg), torch_rng=torch.get_rng_state(), train_seconds=elapsed)
         tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         if step == cfg.steps:
-            write_json(os.path.join(out, "metrics.json"), {**metrics, "eval_inputs": n_inputs, "train_seconds": elapsed})
+            write_json(os.path.join(out, "metrics.json"),
+                       {**metrics, "eval_inputs": n_inputs, "train_seconds": elapsed})
 
     if start_step == 0:
         for record in start_at_base(fact, base, task, cfg, device):

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (OneLineParser, load_checkpoint, model_from_checkpoint, pad_batch, pick_device, router_log_probs, run_main,
-                   token_log_probs, write_json)
-from tasks import EOS, LATENT_TOKENS, PAD, STOI, VOCAB, decode, encode, get_task, prompt_tokens, record_tokens, sample_split_input
+from model import (OneLineParser, load_checkpoint, model_from_checkpoint, pad_batch, pick_device,
+                   router_log_probs, run_main, token_log_probs, write_json)
+from tasks import (EOS, LATENT_TOKENS, PAD, STOI, VOCAB, decode, encode, get_task, prompt_tokens, record_tokens,
+                   sample_split_input)
 
 # ----------------------------------------------------------------------------------------------
 # Data for evaluation: held-out inputs and DGP samples
@@ -115,7 +116,7 @@ def record_log_probs(model, task, xs, ys, latent_tokens=None, latent=None, batch
 
 def tv_distance(p, q):
     """Total variation 0.5 * sum_k |p_k - q_k| between two dicts of probabilities."""
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in sorted(set(p) | set(q)))  # fixed order: same sum every run
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in sorted(set(p) | set(q)))  # sorted: the same sum
 
 
 def strategy_credit(task, x, matched):
@@ -123,6 +124,7 @@ def strategy_credit(task, x, matched):
     if not matched:
         return {"none": 1.0}
     probs = task.strategy_probs(x)
+    matched = [s for s in task.strategies if s in matched]  # the task's order, not the set's hash order
     total = sum(probs[s] for s in matched)
     return {s: probs[s] / total for s in matched} if total > 0 else {s: 1 / len(matched) for s in matched}
 
@@ -275,7 +277,8 @@ def read_snapshot(path):
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: unreadable snapshot (truncated, corrupt or not an .npz): {type(e).__name__}") from None
+        raise ValueError(f"{path}: unreadable snapshot (truncated, corrupt or not an .npz): "
+                         f"{type(e).__name__}") from None
 
 
 def save_probe_snapshot(path, step, probes):
@@ -372,12 +375,12 @@ def router_distribution(fact, task, xs):
     prompts = [encode(prompt_tokens(task.input_tokens(x))) for x in xs]
     idx, _ = pad_batch(prompts, PAD, [0] * len(prompts), device)
     route_pos = torch.tensor([len(p) - 4 for p in prompts], device=device)  # <z> of "<z> slot </z> <y>"
-    logits, hidden = fact.lm(idx, return_hidden=True)
+    logits, last = fact.lm(idx, last_hidden=True)
     rows = torch.arange(len(xs), device=device)
     if fact.latent == "discrete":
         latent_ids = [STOI[t] for t in LATENT_TOKENS[:fact.K]]
         return router_log_probs(logits[rows, route_pos], latent_ids)[0].exp().cpu()
-    state = fact.lm.ln_f(hidden[:, -1][rows, route_pos])
+    state = fact.lm.ln_f(last[rows, route_pos])
     return tuple(t.cpu() for t in fact.router_head(state).float().chunk(2, dim=-1))
 
 

@@ -142,10 +142,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, latent=None, latent_pos=None, return_hidden=False,
+    def forward(self, idx, latent=None, latent_pos=None, return_hidden=False, last_hidden=False,
                 positions=None, attn_mask=None, caches=None):
         """
-        idx (B, T) token ids -> logits (B, T, V) [, hidden (B, L+1, T, d)].
+        idx (B, T) token ids -> logits (B, T, V) [, hidden (B, L+1, T, d) with return_hidden, or
+        with last_hidden only the last block's output (B, T, d), which is all stage 2 reads].
         latent (B, dz) with latent_pos (B,): add E(latent) at that position; rows with
         latent_pos < 0 are untouched. positions (B, T), attn_mask (B, 1, T, Tk) and caches (one
         LayerCache per block) are for generation; training uses the defaults (causal, 0..T-1).
@@ -164,11 +165,12 @@ class GPT(nn.Module):
         hidden = [x]
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask, None if caches is None else caches[i])
-            hidden.append(x)
+            if return_hidden:
+                hidden.append(x)
         logits = self.lm_head(self.ln_f(x))
         if return_hidden:
             return logits, torch.stack(hidden, dim=1)  # (B, L+1, T, d)
-        return logits
+        return (logits, x) if last_hidden else logits
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, generator=None,
@@ -437,7 +439,7 @@ class Factorization(nn.Module):
 
     def posterior_features(self, idx, y_state_mask):
         """The posterior backbone's final states averaged over the y tokens: (B, T) -> (B, d)."""
-        h = self.posterior.ln_f(self.posterior(idx, return_hidden=True)[1][:, -1])  # (B, T, d)
+        h = self.posterior.ln_f(self.posterior(idx, last_hidden=True)[1])  # (B, T, d)
         w = y_state_mask.float() / y_state_mask.sum(1, keepdim=True)  # (B, T)
         return (h * w.unsqueeze(-1)).sum(1)
 

@@ -27,10 +27,12 @@ from tasks import get_task  # noqa: E402
 # the base model each task's stage 2 starts from (2-digit addition: the recipe's base)
 BASE_ARGS = {"grid": [], "linear": [], "sort": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"],
              "sum": [], "base": []}
-DEFAULT_TASKS, DEFAULT_LATENTS, DEFAULT_SEEDS = ("grid", "linear", "add", "sort"), ("discrete", "continuous"), (0, 1, 2)
+DEFAULT_TASKS = ("grid", "linear", "add", "sort")
+DEFAULT_LATENTS, DEFAULT_SEEDS = ("discrete", "continuous"), (0, 1, 2)
 TARGETS = {  # key -> the least value that meets the target (docs/metrics.md)
     "base": {"answer_accuracy": 0.99, "parse_rate": 0.995},
-    "discrete": {"alignment_one_to_one": 0.9, "local_strategy_full_coverage_rate": 0.8, "router/answer_accuracy": 0.98},
+    "discrete": {"alignment_one_to_one": 0.9, "local_strategy_full_coverage_rate": 0.8,
+                 "router/answer_accuracy": 0.98},
     "continuous": {"sampled_z_probe_acc": 0.9, "posterior_mu_probe_acc": 0.95, "router/answer_accuracy": 0.98,
                    "lowest_centroid_control": 0.8},
 }
@@ -67,8 +69,10 @@ def run_jobs(args):
     os.makedirs(os.path.join(args.runs, "logs"), exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     while pending or running:
-        for job in [j for j in pending if len(running) < args.jobs]:
+        for job in list(pending):
             name, folder, command, needs = job
+            if len(running) >= args.jobs:
+                break
             if needs in failed:
                 pending.remove(job)
                 failed.add(folder)
@@ -124,8 +128,19 @@ def settings(config):
 
 
 def machine(config):
-    m = config.get("machine", {})
-    return f"{m.get('name', '?')}, {m.get('threads', '?')} threads", m.get("started", "?")
+    """(machine and threads, start date); runs from before machine_info was recorded say so."""
+    m = config.get("machine")
+    if not m:
+        return "not recorded", "not recorded"
+    return f"{m['name']}, {m['threads']} threads", m["started"]
+
+
+def command(config, script):
+    """The command as run; for runs from before it was recorded, the shortest one with its settings."""
+    if config.get("machine"):
+        return config["machine"]["command"]
+    flags = "--task " + config["task"] + (f" --latent {config['latent']}" if "latent" in config else "")
+    return f"python {script} {flags} (reconstructed)"
 
 
 def base_table(runs, tasks):
@@ -138,7 +153,7 @@ def base_table(runs, tasks):
         if not (config and metrics):
             continue
         where, started = machine(config)
-        rows.append(f"| {get_task(task).name} | `{config['machine']['command']}` | {config['steps']} | "
+        rows.append(f"| {get_task(task).name} | `{command(config, 'train_base.py')}` | {config['steps']} | "
                     f"{metrics['train_seconds']:.0f} s | {where} | {started} | "
                     + " | ".join(fmt(metrics[k]) for k in keys) + " |")
     return rows
@@ -158,18 +173,19 @@ def stage2_table(runs, tasks, latent, seeds):
             continue
         name = get_task(task).name
         rows += [f"### {name}, {latent}", "", f"Recipe as resolved: `{settings(found[0][1])}`.", "",
-                 "| seed | steps | inputs | wall-clock | machine | started | " + " | ".join(keys) + " | meets all |",
-                 "|---" * (7 + len(keys)) + "|"]
+                 "| seed | command | steps | inputs | wall-clock | machine | started | " + " | ".join(keys)
+                 + " | meets all |", "|---" * (8 + len(keys)) + "|"]
         for seed, config, values in found:
             where, started = machine(config)
             meets = all(values[k] >= target for k, target in TARGETS[latent].items())
-            rows.append(f"| {seed} | {config['steps']} | {values.get('eval_inputs', '?')} | "
+            rows.append(f"| {seed} | `{command(config, 'disentangle.py')}` | {config['steps']} | {values.get('eval_inputs', '?')} | "
                         f"{values['train_seconds']:.0f} s | {where} | {started} | "
                         + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
         n_meet = sum(all(v[k] >= t for k, t in TARGETS[latent].items()) for _, _, v in found)
         for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
             cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
-            rows.append(f"| **{label}** | | | | | | {cells} | {f'{n_meet} of {len(found)}' if label == 'min' else ''} |")
+            meets = f"{n_meet} of {len(found)}" if label == "min" else ""
+            rows.append(f"| **{label}** | | | | | | | {cells} | {meets} |")
         rows.append("")
     return rows
 

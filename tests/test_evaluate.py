@@ -1,6 +1,9 @@
 """evaluate.py: metrics exact on hand-built cases, probes separate what is separable."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,3 +110,16 @@ def test_probe_is_undefined_where_one_class_is_left():
     valid[1] = labels == 2  # group 1: only strategy 2 still has a token at this position
     acc = train_probes(torch.stack([feats, feats]), labels, valid, 3, is_train)
     assert acc[0] > 0.99 and torch.isnan(acc[1])
+
+
+def test_metrics_do_not_depend_on_the_hash_seed():
+    """strategy_tv sums over strategies in a fixed order, so PYTHONHASHSEED cannot change its last bit
+    (summed in set order, this case read 0.1437097466723919 or ...192 depending on the seed)."""
+    script = ("import random; from evaluate import generation_metrics; from tasks import get_task\n"
+              "task = get_task('sort', mixture='input-dependent'); rng = random.Random(1)\n"
+              "xs = [task.sample_input(rng) for _ in range(137)]\n"
+              "ys = [task.trace(x, rng.choice(task.strategies)) if rng.random() < 0.9 else None for x in xs]\n"
+              "print(repr(generation_metrics(task, xs, ys)['strategy_tv']))")
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outputs) == 1, outputs
