@@ -34,11 +34,11 @@ Two moves between gradient steps make discovery reliable where the ELBO alone st
 components of its backbone's features (cluster_posterior); --reassign N, the classification step
 of hard EM, sends pairs to the latent whose generator rates them highest (reassign_clusters).
 
-The defaults are the recipe: the Config defaults, then RECIPES for the (task, latent) pair; a
-flag given overrides both, and config.json records the resolved values.
+The defaults are the recipe: the Config defaults, then RECIPES[(task, latent)]; a flag given
+overrides both, and config.json records the resolved values.
 
-    python disentangle.py --task grid --latent discrete   # about 15 minutes on 2 CPU cores
-    python disentangle.py --latent continuous             # grid, about 15 minutes
+    python disentangle.py --task grid --latent discrete   # 10-15 minutes on a 2-core CPU
+    python disentangle.py --latent continuous             # grid, 15 minutes
     python disentangle.py --task sort --device cuda       # GPU
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
@@ -57,13 +57,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (factorization_metrics, generate_ys, posterior_distribution, record_log_probs,
+from evaluate import (factorization_metrics, fit_probes, generate_ys, posterior_distribution, record_log_probs,
                       save_posterior_snapshot)
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, check_resume_config,
                    configure_optimizer, learning_rate, load_checkpoint, machine_info, model_from_checkpoint,
                    pad_batch, parse_config, pick_device, router_log_probs, run_main, save_checkpoint,
                    seed_everything, token_log_probs, truncate_log, write_json)
-from tasks import PAD, STOI, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
+from tasks import PAD, STOI, TASKS, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the defaults every recipe shares; RECIPES adds what a (task, latent) pair needs
@@ -147,19 +147,16 @@ TASK_RECIPES = {
     ("sorting_algorithms", "discrete"): {"cluster_init": 24, "reassign": 300, "steps": 2400},
     ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400},
 }
+RECIPES = {(task, latent): {**LATENT_RECIPES[latent], **TASK_RECIPES.get((task, latent), {})}
+           for task in TASKS for latent in LATENT_RECIPES}
 RECIPES_HELP = "defaults: the values shown, then RECIPES for the task and latent:\n" + "\n".join(
     [f"  {latent}, every task: {extra}" for latent, extra in LATENT_RECIPES.items()]
     + [f"  {latent}, {task}: {extra}" for (task, latent), extra in TASK_RECIPES.items()])
 
 
-def recipe(task_name, latent):
-    """The settings a (task, latent) run takes unless a flag overrides them."""
-    return {**LATENT_RECIPES.get(latent, {}), **TASK_RECIPES.get((task_name, latent), {})}
-
-
 def apply_recipe(cfg, given):
     """Set every recipe field that the command line did not give."""
-    for name, value in recipe(get_task(cfg.task).name, cfg.latent).items():
+    for name, value in RECIPES.get((get_task(cfg.task).name, cfg.latent), {}).items():
         if name not in given:
             setattr(cfg, name, value)
 
@@ -489,23 +486,42 @@ def whitened(features, m):
     return mean, whiten, (features - mean) @ whiten
 
 
+def confident_scale(logits):
+    """The factor s at which softmax(s * logits) (N, K) has mean largest probability CLUSTER_CONFIDENCE:
+    sure, yet not saturated, since a saturated softmax passes almost no gradient to the pairs put wrong."""
+    lo, hi = -8.0, 8.0  # bisect log s: the confidence rises with s
+    for _ in range(40):
+        log_s = (lo + hi) / 2
+        confident = F.softmax(logits * math.exp(log_s), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
+        lo, hi = (lo, log_s) if confident else (log_s, hi)
+    return math.exp(hi)
+
+
 @torch.no_grad()
 def posterior_to_centroids(fact, points, centroids, whiten, mean):
     """
     Discrete: the head becomes the Gaussian mixture of centroids (K, m) in the whitened space,
     logit_k = -|z - c_k|^2 / 2t + const = (z . c_k - |c_k|^2 / 2) / t, linear in the features f
-    (z = (f - mean) @ whiten), at the temperature t where the mean largest q over points (N, m) is
-    CLUSTER_CONFIDENCE: a saturated softmax passes almost no gradient to the pairs put wrong.
+    (z = (f - mean) @ whiten), at the confident_scale 1 / t of the points (N, m).
     """
-    sq_dist = torch.cdist(points, centroids) ** 2  # (N, K)
-    lo, hi = -8.0, 8.0  # bisect log t: the confidence falls as the temperature rises
-    for _ in range(40):
-        log_t = (lo + hi) / 2
-        confident = F.softmax(-sq_dist / (2 * math.exp(log_t)), -1).max(1).values.mean() > CLUSTER_CONFIDENCE
-        lo, hi = (log_t, hi) if confident else (lo, log_t)
+    scale = confident_scale(-torch.cdist(points, centroids) ** 2 / 2)
     weight = centroids @ whiten.T  # (K, d)
-    fact.post_head.weight.copy_(weight / math.exp(lo))
-    fact.post_head.bias.copy_((-0.5 * (centroids ** 2).sum(1) - weight @ mean) / math.exp(lo))
+    fact.post_head.weight.copy_(weight * scale)
+    fact.post_head.bias.copy_((-0.5 * (centroids ** 2).sum(1) - weight @ mean) * scale)
+
+
+@torch.no_grad()
+def posterior_to_labels(fact, features, assign):
+    """
+    Discrete: the head becomes a logistic regression from the pooled features (N, d), every
+    direction of them, to each pair's latent (assign (N,)), at its confident_scale: the M-step of
+    hard EM for a discriminative posterior.
+    """
+    probe = fit_probes(features[None].float().cpu(), assign, torch.ones(1, len(assign)), fact.K)
+    scale = confident_scale(probe.logits(features[None].float().cpu())[0].T)
+    weight = probe.weight[0] / probe.std[0]  # (K, d): the standardisation folded into the head
+    fact.post_head.weight.copy_(weight * scale)
+    fact.post_head.bias.copy_((probe.bias[0, :, 0] - weight @ probe.mean[0, 0]) * scale)
 
 
 @torch.no_grad()
@@ -536,9 +552,12 @@ def cluster_posterior(fact, base, task, cfg):
     each sent to a corner of a simplex. Returns the share of pairs in each cluster.
     """
     pairs = training_pairs(task, base, cfg, 0, fact.lm.tok_emb.weight.device, "clusters", CLUSTER_PAIRS)
+    n_clusters = fact.K or len(task.strategies)
+    if len(pairs) < 2 * max(cfg.cluster_init, n_clusters):
+        raise ValueError(f"the base model closed only {len(pairs)} of {CLUSTER_PAIRS} samples, too few to "
+                         f"cluster: train it longer, or take y from the true mixture (--data dgp)")
     features = posterior_distribution(fact, task, pairs, features=True)[1]  # (N, d)
     mean, whiten, points = whitened(features, cfg.cluster_init)
-    n_clusters = fact.K or len(task.strategies)
     centroids = kmeans(points, n_clusters, torch.Generator().manual_seed(cfg.seed))  # (C, m)
     assign = torch.cdist(points, centroids).argmin(1)  # (N,)
     if fact.latent == "discrete":
@@ -572,9 +591,7 @@ def reassign_clusters(fact, base, task, cfg, step):
     if fact.latent == "discrete":
         current = posterior.argmax(1)  # (N,)
         assign = latent_log_likelihoods(fact, task, pairs).argmax(1)  # (N,)
-        mean, whiten, points = whitened(features.cpu(), cfg.cluster_init)
-        centroids = cluster_means(points, assign, torch.zeros(fact.K, points.shape[1]))  # (K, m)
-        posterior_to_centroids(fact, points, centroids, whiten, mean)
+        posterior_to_labels(fact, features, assign)
     else:
         mu, codes = posterior[0], fact.codes.cpu()
         current = torch.cdist(mu, codes).argmin(1)  # (N,) the cluster the posterior puts each pair in

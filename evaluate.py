@@ -30,6 +30,7 @@ import random
 import sys
 import zipfile
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -204,38 +205,57 @@ def probe_features(model, task, samples, max_positions, batch_size=128):
     return torch.cat(feats), valid
 
 
-def train_probes(features, labels, valid, n_classes, is_train, steps=300, lr=0.05, l2=1e-3):
+@dataclass
+class Probes:
+    weight: torch.Tensor  # (G, C, d) on standardised features
+    bias: torch.Tensor  # (G, C, 1)
+    mean: torch.Tensor  # (G, 1, d) the training samples' feature mean
+    std: torch.Tensor  # (G, 1, d) and standard deviation
+
+    def logits(self, features):
+        """(G, N, d) -> (G, C, N)."""
+        return self.weight @ ((features - self.mean) / self.std).transpose(1, 2) + self.bias
+
+
+def fit_probes(features, labels, train_w, n_classes, steps=300, lr=0.05, l2=1e-3):
+    """One logistic probe per group, all fitted at once by Adam: features (G, N, d), labels (N,),
+    train_w (G, N) 1 on the samples each probe trains on. Features are standardised with those
+    samples' statistics."""
+    with torch.enable_grad():
+        G, N, d = features.shape
+        denom = train_w.sum(1, keepdim=True).clamp(min=1)[..., None]
+        mean = (features * train_w[..., None]).sum(1, keepdim=True) / denom
+        std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / denom).sqrt() + 1e-5
+        Xt = ((features - mean) / std).transpose(1, 2).contiguous()  # (G, d, N): logits come out (G, C, N)
+        Wt = torch.zeros(G, n_classes, d, requires_grad=True)
+        b = torch.zeros(G, n_classes, 1, requires_grad=True)
+        opt = torch.optim.Adam([Wt, b], lr=lr)
+        target = labels[None].expand(G, N)
+        for _ in range(steps):
+            logits = Wt @ Xt + b  # (G, C, N)
+            nll = F.cross_entropy(logits, target, reduction="none")  # (G, N)
+            loss = (nll * train_w).sum() / train_w.sum().clamp(min=1) + l2 * (Wt ** 2).sum() / G
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return Probes(Wt.detach(), b.detach(), mean, std)
+
+
+@torch.no_grad()
+def train_probes(features, labels, valid, n_classes, is_train, **fit):
     """
-    One logistic probe per group, all trained at once: features (G, N, d), labels (N,), valid
-    (G, N) marks usable samples, is_train (N,) the split. Features are standardised with training
-    statistics. Returns test accuracy per group (G,), NaN where fewer than 10 test samples or
-    fewer than two classes among them (late y-positions where only the longest strategy's traces
-    are still running: accuracy there would be 1.0 and say nothing).
+    fit_probes on the samples valid (G, N) marks in the training split is_train (N,). Returns
+    test accuracy per group (G,), NaN where fewer than 10 test samples or fewer than two classes
+    among them (late y-positions where only the longest strategy's traces are still running:
+    accuracy there would be 1.0 and say nothing).
     """
-    G, N, d = features.shape
-    train_w = (valid & is_train[None]).float()  # (G, N)
+    probes = fit_probes(features, labels, (valid & is_train[None]).float(), n_classes, **fit)
     test_w = (valid & ~is_train[None]).float()
-    denom = train_w.sum(1, keepdim=True).clamp(min=1)[..., None]
-    mean = (features * train_w[..., None]).sum(1, keepdim=True) / denom
-    std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / denom).sqrt() + 1e-5
-    Xt = ((features - mean) / std).transpose(1, 2).contiguous()  # (G, d, N): logits come out (G, C, N)
-    Wt = torch.zeros(G, n_classes, d, requires_grad=True)
-    b = torch.zeros(G, n_classes, 1, requires_grad=True)
-    opt = torch.optim.Adam([Wt, b], lr=lr)
-    target = labels[None].expand(G, N)
-    for _ in range(steps):
-        logits = Wt @ Xt + b  # (G, C, N)
-        nll = F.cross_entropy(logits, target, reduction="none")  # (G, N)
-        loss = (nll * train_w).sum() / train_w.sum().clamp(min=1) + l2 * (Wt ** 2).sum() / G
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        correct = ((Wt @ Xt + b).argmax(1) == target).float()
-        n_test = test_w.sum(1)
-        acc = (correct * test_w).sum(1) / n_test.clamp(min=1)
-        classes_present = ((F.one_hot(labels, n_classes).float()[None] * test_w[..., None]).sum(1) > 0).sum(1)
-        acc[(n_test < 10) | (classes_present < 2)] = float("nan")
+    correct = (probes.logits(features).argmax(1) == labels[None]).float()
+    n_test = test_w.sum(1)
+    acc = (correct * test_w).sum(1) / n_test.clamp(min=1)
+    classes_present = ((F.one_hot(labels, n_classes).float()[None] * test_w[..., None]).sum(1) > 0).sum(1)
+    acc[(n_test < 10) | (classes_present < 2)] = float("nan")
     return acc
 
 

@@ -82,7 +82,7 @@ def run_jobs(args):
                 resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
                 log = open(os.path.join(args.runs, "logs", f"{name}.log"), "a")
                 env = {**os.environ, "OMP_NUM_THREADS": threads}
-                full = [sys.executable, *command, "--device", args.device, *resume]
+                full = [sys.executable, *command, *(["--device", args.device] if args.device != "auto" else []), *resume]
                 running[name] = (subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
                                  folder, time.time())
                 print(f"start {name}{' (resume)' if resume else ''}")
@@ -212,10 +212,11 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (2 on a 2-core CPU; a GPU takes many)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps, passed to every run")
-    parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "benchmark"), help="where the run folders go")
-    parser.add_argument("--report", default=os.path.join(ROOT, "docs", "results.md"), help="the file to write")
+    parser.add_argument("--runs", default=os.path.join("runs", "benchmark"), help="where the run folders go")
+    parser.add_argument("--report", default=os.path.join("docs", "results.md"), help="the file to write")
     parser.add_argument("--report-only", action="store_true", help="do not run anything, only write the report")
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # run folders and commands relative to the repository
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     code = 0 if args.report_only else run_jobs(args)

@@ -286,6 +286,19 @@ def test_posterior_to_centroids_is_a_gaussian_mixture_at_the_set_confidence(tiny
     assert float(logits.softmax(-1).max(1).values.mean()) == pytest.approx(D.CLUSTER_CONFIDENCE, abs=1e-3)
 
 
+def test_posterior_to_labels_fits_the_assignment_at_the_set_confidence(tiny_base):
+    fact, _ = tiny_fact(tiny_base)
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(3, 32, generator=g)
+    assign = torch.arange(90) % 3  # three groups, apart along their own direction
+    features = 5.0 + torch.randn(90, 32, generator=g) + 2 * directions[assign]
+    D.posterior_to_labels(fact, features, assign)
+    with torch.no_grad():
+        q = fact.post_head(features).softmax(-1)  # (90, 3)
+    assert torch.equal(q.argmax(1), assign)
+    assert float(q.max(1).values.mean()) == pytest.approx(D.CLUSTER_CONFIDENCE, abs=1e-3)
+
+
 def test_cluster_posterior_starts_confident_but_not_saturated(tiny_base):
     fact, _ = tiny_fact(tiny_base)
     cfg = D.Config(data="dgp", cluster_init=4)
@@ -364,7 +377,7 @@ def test_no_flag_config_is_the_recipe():
     for task in ("grid", "sort", "add", "linear"):
         for latent in ("discrete", "continuous"):
             cfg = resolved(["--task", task, "--latent", latent])
-            expected = {**vars(D.Config(task=task, latent=latent)), **D.recipe(get_task(task).name, latent)}
+            expected = {**vars(D.Config(task=task, latent=latent)), **D.RECIPES[(get_task(task).name, latent)]}
             assert vars(cfg) == expected
     assert resolved([]) == resolved(["--task", "grid", "--latent", "discrete"])
     sort = resolved(["--task", "sort"])
