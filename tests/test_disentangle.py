@@ -430,6 +430,14 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     assert all(same(rescored[k], v) for k, v in metrics.items() if k != "train_seconds")
 
 
+def test_a_run_too_small_for_the_probes_still_finishes(tiny_base, tmp_path):
+    """Two held-out inputs leave the continuous probes nothing to train on: NaN, not a crash."""
+    args = tiny_args(tiny_base, tmp_path / "run", "continuous", "--eval-inputs", "2", "--final-inputs", "2")
+    assert D.main(args) == 0
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["sampled_z_probe_acc"] != metrics["sampled_z_probe_acc"]  # NaN
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
 def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tmp_path, monkeypatch, latent):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"

@@ -93,7 +93,7 @@ CONTRADICTIONS = [
     (stage2, ["--latent", "continuous", "--k", "5"], "--k has no effect with --latent continuous"),
     (stage2, ["--latent", "continuous", "--jsd", "1"], "--jsd has no effect with --latent continuous"),
     (stage2, ["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
-    (stage2, ["--cluster-hold", "5"], "--cluster-hold has no effect with --cluster-init 0"),
+    (stage2, ["--cluster-init", "0", "--cluster-hold", "5"], "--cluster-hold has no effect with --cluster-init 0"),
     (stage1, ["--task", "add", "--task-options", "n_digits=2,n_digits=3"], "task option n_digits is given twice"),
 ]
 HANGS = [
@@ -108,7 +108,7 @@ SIZES = [
 MESSAGES = [
     (stage1, ["--task", "linear", "--task-options", "max_coef=1"], "leave an empty range to draw inputs from"),
     (stage1, ["--task", "sum", "--task-options", "n=60"], "more than the model's block size 160"),
-    (stage2, ["--data", "model", "--out", "{new}"], "the base model closed none of 16 samples"),
+    (stage2, ["--data", "model", "--out", "{new}"], "too few to cluster: train it longer, or take y from"),
     (stage2, ["--steps", "4"], "exists; pass --resume to continue it"),
     (stage2, ["--resume", "--steps", "4", "--jsd", "2"], "--resume with settings that differ"),
 ]
@@ -151,11 +151,14 @@ def test_checkpoint_content_errors_are_one_clear_line(runs, tmp_path, capsys):
                           "--inputs must be between 1 and 100000", [runs / "grid_pathfinding"], capsys)
 
 
-def test_snapshot_content_errors_are_one_clear_line(tmp_path, capsys):
+def test_snapshot_content_errors_are_one_clear_line(runs, tmp_path, capsys):
     base = tmp_path / "grid_pathfinding" / "base"
     base.mkdir(parents=True)
     (base / "probes.npz").write_bytes(b"PK\x03\x04 truncated")
     assert_one_line_error(["figures.py", "--runs", str(tmp_path)], "unreadable snapshot", [base], capsys)
+    (base / "ckpt.pt").write_bytes((runs / "grid_pathfinding" / "base" / "ckpt.pt").read_bytes())
+    assert_one_line_error(["evaluate.py", str(base), "--inputs", "5", "--device", "cpu"], "unreadable snapshot",
+                          [base], capsys)
     np.savez(base / "probes.npz", something_else=np.zeros(3))
     assert_one_line_error(["figures.py", "--runs", str(tmp_path)], "not a probe snapshot", [base], capsys)
 
