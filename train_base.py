@@ -19,7 +19,7 @@ grouped by length so padding wastes little compute. Every eval_interval steps th
 held-out inputs at temperature 1, scores them with evaluate.py, saves a checkpoint and a probe
 snapshot (Key Figure 1 over training).
 
-    python train_base.py --task grid                # 2-core CPU, about 20 minutes
+    python train_base.py --task grid                # 2-core CPU, about 15 minutes
     python train_base.py --task sort --device cuda  # GPU, a minute or two
     python train_base.py --task add --task-options n_digits=2 --out runs/multidigit_addition/base2
     python evaluate.py runs/grid/base               # rescore the final checkpoint
@@ -47,9 +47,7 @@ from tasks import (PAD, VOCAB, check_task, encode, get_task, parse_task_options,
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-# training steps per task when --steps is 0. Measured (README): grid at 2,500, linear at 3,000 and
-# sort at 8,000 (23 minutes alone on 2 CPU cores) are close to the targets; sum and add at 2,000
-# and base at 3,000 fall short.
+# training steps per task when --steps is 0 (docs/results.md has what each reaches)
 TASK_STEPS = {"list_summation": 4000, "sorting_algorithms": 8000, "grid_pathfinding": 2500,
               "linear_equation_solving": 3000, "base_conversion": 5000, "multidigit_addition": 4000}
 
