@@ -7,21 +7,24 @@ on a 2-core CPU).
   machine's float32 matmul GFLOP/s measured in the same run, and their ratio (MFU);
 - sampling: batch 128, prompt 16, 64 new tokens, KV cache against full recomputation;
 - stage 2: optimisation steps per second of the discrete recipe with K=3 (grid) and K=5 (sort)
-  and of the continuous recipe (grid), from an untrained base of the default size.
+  and of the continuous recipe (grid), from an untrained base of the default size, at the
+  precision stage 2 trains in (--precision, resolved as disentangle.py does).
 
     python bench.py                 # CPU
     python bench.py --device cuda
+    python bench.py --precision fp32
 """
 
 import argparse
 import json
 import random
+import sys
 import time
 
 import torch
 
 import disentangle as D
-from model import GPT, GPTConfig, configure_optimizer, pick_device
+from model import GPT, GPTConfig, configure_optimizer, pick_device, resolve_precision, run_main
 from tasks import VOCAB, get_task
 
 
@@ -76,12 +79,12 @@ def sampling_speedup(device, repeats):
     return timed(lambda: run(True), device, repeats), timed(lambda: run(False), device, repeats, warmup=0)
 
 
-def stage2_steps_per_s(device, task_name, latent, steps):
+def stage2_steps_per_s(device, task_name, latent, steps, precision):
     """Optimisation steps per second of the (task, latent) recipe, on batches of DGP pairs."""
     torch.manual_seed(0)
     base = GPT(GPTConfig(vocab_size=len(VOCAB))).to(device).eval()
     base_ckpt = {"model": base.state_dict(), "model_config": vars(base.config)}
-    cfg = D.Config(task=task_name, latent=latent)
+    cfg = D.Config(task=task_name, latent=latent, precision=precision)
     D.apply_recipe(cfg, set())
     task = get_task(task_name)
     fact = D.build_factorization(cfg, task, ".", base_ckpt, device)
@@ -91,25 +94,29 @@ def stage2_steps_per_s(device, task_name, latent, steps):
     return 1 / seconds
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each training benchmark")
-    args = parser.parse_args()
+    parser.add_argument("--precision", default="auto", help="stage 2's: auto, bf16 or fp32")
+    args = parser.parse_args(argv)
     device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     random.seed(0)
     tokens_per_s, achieved = training_throughput(device, args.steps)
     peak = matmul_gflops(device)
     cached, full = sampling_speedup(device, 1)
-    stage2 = {f"stage2_{latent}_{name}_steps_per_s": round(stage2_steps_per_s(device, task, latent, args.steps), 2)
+    stage2 = {f"stage2_{latent}_{name}_steps_per_s": round(stage2_steps_per_s(device, task, latent, args.steps,
+                                                                              precision), 2)
               for name, task, latent in (("k3", "grid", "discrete"), ("k5", "sort", "discrete"),
                                          ("grid", "grid", "continuous"))}
     print(json.dumps({"device": device, "threads": torch.get_num_threads(),
                       "train_tokens_per_s": round(tokens_per_s), "train_gflops": round(achieved, 1),
                       "matmul_gflops": round(peak, 1), "mfu_vs_matmul": round(achieved / peak, 3),
                       "sample_cached_s": round(cached, 3), "sample_full_s": round(full, 3),
-                      "kv_cache_speedup": round(full / cached, 2), **stage2}))
+                      "kv_cache_speedup": round(full / cached, 2), "stage2_precision": precision, **stage2}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

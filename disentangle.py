@@ -57,12 +57,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (factorization_metrics, fit_probes, generate_ys, posterior_distribution, record_log_probs,
-                      save_posterior_snapshot)
-from model import (Factorization, append_jsonl, arg, autocast, check_numbers, check_resume_config,
-                   configure_optimizer, learning_rate, load_checkpoint, machine_info, model_from_checkpoint,
-                   pad_batch, parse_config, pick_device, router_log_probs, run_main, save_checkpoint,
-                   seed_everything, token_log_probs, truncate_log, write_json)
+from evaluate import (factorization_metrics, fit_probes, generate_ys, latent_log_likelihoods, posterior_distribution,
+                      record_log_probs, save_posterior_snapshot)
+from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
+                   load_checkpoint, machine_info, model_from_checkpoint, pad_batch, parse_config, pick_device,
+                   resolve_precision, resume_checkpoint, router_log_probs, run_main, save_checkpoint, seed_everything,
+                   token_log_probs, truncate_log, write_json)
 from tasks import PAD, STOI, TASKS, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +108,8 @@ class Config:
     final_inputs: int = arg(500, "held-out inputs of the final evaluation (metrics.json)")
     log_interval: int = arg(10, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
-    bf16: bool = arg(False, "bf16 autocast (CUDA only)")
+    precision: str = arg("auto", "training matmuls: auto (bf16 where the hardware computes it, else fp32), "
+                                 "bf16 or fp32; evaluation is fp32")
 
     def validate(self, given, n_strategies):
         """Every value in range, and no flag that this configuration would ignore, before any work."""
@@ -212,16 +213,18 @@ class BaseTokenStats:
     token_logp: torch.Tensor  # (B, T-1) log p_base(y_t | x, y_<t)
     support: torch.Tensor  # (B, T-1, V) the tokens the base model gives at least SUPPORT_THRESHOLD
     entropy_share: torch.Tensor  # (B, T-1) H_t / mean_t H: high where the strategy is decided
+    states: torch.Tensor  # (B, T, d) its final states, which a frozen posterior backbone would recompute
 
 
 @torch.no_grad()
 def base_token_stats(base, batch):
-    logits = base(batch["base_idx"])
+    logits, last = base(batch["base_idx"], last_hidden=True)
     mask = batch["base_mask"].float()
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     entropy = -(logp.exp() * logp).sum(-1) * mask  # (B, T-1)
     share = entropy / (entropy.sum(1, keepdim=True) / mask.sum(1, keepdim=True)).clamp(min=1e-8)
-    return BaseTokenStats(token_log_probs(logits, batch["base_idx"]), logp > math.log(SUPPORT_THRESHOLD), share)
+    return BaseTokenStats(token_log_probs(logits, batch["base_idx"]), logp > math.log(SUPPORT_THRESHOLD), share,
+                          base.ln_f(last))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +337,7 @@ class DiscretePass:
     posterior_logq: torch.Tensor  # (B, K) log q(k|x,y)
 
 
-def discrete_pass(fact, batch):
+def discrete_pass(fact, batch, posterior_states=None):
     """All K latents in one batched forward; the router is read off the same forward."""
     B, K = batch["base_idx"].shape[0], fact.K
     gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
@@ -342,7 +345,7 @@ def discrete_pass(fact, batch):
     # the router position precedes the latent token, so any of the K copies gives p_phi(z|x)
     route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
     router_logp, outside = router_log_probs(route_logits, latent_ids(K))
-    log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float(), -1)
+    log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"], posterior_states).float(), -1)
     return DiscretePass(gen_logits, token_logp, router_logp, outside, log_q)
 
 
@@ -355,10 +358,11 @@ class ContinuousPass:
     router_logvar: torch.Tensor  # (B, dz)
 
 
-def continuous_pass(fact, batch, S):
+def continuous_pass(fact, batch, S, posterior_states=None):
     """S reparameterised samples z_s = mu_xi + sigma_xi eps_s per pair, in one batched forward."""
     B = batch["base_idx"].shape[0]
-    mu_q, logvar_q = fact.posterior_params(batch["base_idx"], batch["y_state_mask"]).float().chunk(2, dim=-1)
+    posterior_params = fact.posterior_params(batch["base_idx"], batch["y_state_mask"], posterior_states)
+    mu_q, logvar_q = posterior_params.float().chunk(2, dim=-1)  # (B, dz) each
     eps = torch.randn(B, S, mu_q.shape[-1], device=mu_q.device)  # (B, S, dz)
     z = (mu_q[:, None] + (0.5 * logvar_q[:, None]).exp() * eps).reshape(B * S, -1)  # (B*S, dz)
     gen_idx = batch["base_idx"].repeat_interleave(S, dim=0)  # (B*S, T)
@@ -381,9 +385,10 @@ def objective(fact, base, batch, cfg):
     """The loss J = R + beta K + aux on one batch; discrete latents enumerated, continuous sampled."""
     stats, mask = base_token_stats(base, batch), batch["base_mask"].float()
     weights, jsd_weights = token_weights(mask, stats.entropy_share, cfg.token_weighted)
+    posterior_states = stats.states if cfg.cluster_init else None  # a frozen posterior backbone is the base
     aux = {}
     if cfg.latent == "discrete":
-        p = discrete_pass(fact, batch)
+        p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
         recon, raw_recon = discrete_recon_loss(q, p.token_logp, weights), discrete_recon_loss(q, p.token_logp, mask)
         kl = categorical_kl(p.posterior_logq, p.router_logp)
@@ -402,7 +407,7 @@ def objective(fact, base, batch, cfg):
                        "diag/router_outside_mass": p.router_outside.mean(),
                        "usage/router": p.router_logp.exp().mean(0), "usage/posterior": q.mean(0)}
     else:
-        p = continuous_pass(fact, batch, cfg.samples)
+        p = continuous_pass(fact, batch, cfg.samples, posterior_states)
         recon, raw_recon = continuous_recon_loss(p.token_logp, weights), continuous_recon_loss(p.token_logp, mask)
         kl_dims = gaussian_kl(p.posterior_mu, p.posterior_logvar, p.router_mu, p.router_logvar)  # (B, dz)
         kl = kl_dims.sum(-1)
@@ -567,16 +572,6 @@ def cluster_posterior(fact, base, task, cfg):
     return (torch.bincount(assign, minlength=n_clusters).float() / len(assign)).tolist()
 
 
-def latent_log_likelihoods(fact, task, pairs, z=None):
-    """log p_psi(y|x, latent) of each pair at each latent: the K tokens (discrete), or the C
-    vectors z (C, dz) (continuous). Returns (N, K) or (N, C)."""
-    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    if z is None:
-        return torch.stack([record_log_probs(fact.lm, task, xs, ys, [LATENT_TOKENS[k]] * len(xs))
-                            for k in range(fact.K)], 1)
-    return torch.stack([record_log_probs(fact.lm, task, xs, ys, latent=zc.expand(len(xs), -1)) for zc in z], 1)
-
-
 @torch.no_grad()
 def reassign_clusters(fact, base, task, cfg, step):
     """
@@ -662,7 +657,7 @@ def train_step(fact, base, task, optimizer, cfg, step, device, hold_posterior):
     batch = make_batch(task, training_pairs(task, base, cfg, step, device), fact.K, device)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps, decay=cfg.lr_decay)
-    with autocast(device, cfg.bf16):
+    with autocast(device, cfg.precision):
         obj = objective(fact, base, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
     obj.loss.backward()
@@ -674,21 +669,12 @@ def train_step(fact, base, task, optimizer, cfg, step, device, hold_posterior):
     return obj
 
 
-def resume_from(ckpt_path, cfg, fact, optimizer, task_name):
-    """--resume: weights, optimizer and RNG from the checkpoint; returns (step, train seconds so far)."""
-    ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task_name)
-    check_resume_config(ckpt.get("train_config"), asdict(cfg))
-    fact.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    return ckpt["step"], ckpt.get("train_seconds", 0.0)
-
-
 def main(argv=None):
     cfg, given = parse_config(Config, argv, description=__doc__.split("\n\n")[0], epilog=RECIPES_HELP)
     apply_recipe(cfg, given)
     cfg.validate(given, len(get_task(cfg.task).strategies))
     device = pick_device(cfg.device)
+    cfg.precision = resolve_precision(cfg.precision, device)
     base, task, base_dir, base_ckpt = load_base(cfg, device)
     if cfg.cluster_init > base.config.n_embd:  # no more principal components than feature dimensions
         raise ValueError(f"--cluster-init must be at most the model width {base.config.n_embd}, "
@@ -700,7 +686,8 @@ def main(argv=None):
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
     if not cfg.resume and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
-    start_step, seconds = resume_from(ckpt_path, cfg, fact, optimizer, task.name) if cfg.resume else (0, 0.0)
+    ckpt = resume_checkpoint(ckpt_path, fact, optimizer, asdict(cfg), VOCAB, task.name) if cfg.resume else {}
+    start_step, seconds = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0)
     os.makedirs(out, exist_ok=True)
     truncate_log(log_path, start_step if cfg.resume else -1)  # a fresh run starts a fresh log
     write_json(os.path.join(out, "config.json"), {**asdict(cfg), "k": fact.K, "base": base_dir,

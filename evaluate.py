@@ -422,6 +422,17 @@ def posterior_distribution(fact, task, pairs, features=False, batch_size=256):
     return (out, pooled) if features else out
 
 
+@torch.no_grad()
+def latent_log_likelihoods(fact, task, pairs, z=None):
+    """log p_psi(y|x, latent) of each pair at each latent: the K tokens (discrete), or the C
+    vectors z (C, dz) (continuous). Returns (N, K) or (N, C)."""
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    if z is None:
+        return torch.stack([record_log_probs(fact.lm, task, xs, ys, [LATENT_TOKENS[k]] * len(xs))
+                            for k in range(fact.K)], 1)
+    return torch.stack([record_log_probs(fact.lm, task, xs, ys, latent=zc.expand(len(xs), -1)) for zc in z], 1)
+
+
 def factorization_metrics(fact, task, n_inputs, seed):
     """Every stage-2 metric on n_inputs held-out inputs, and the arrays the figures draw."""
     fact.eval()

@@ -65,8 +65,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:  # write this step's keys and values, attend over everything so far
             k, v = cache.update(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the CPU's bf16 attention backward
+            q, k, v = q.float(), k.float(), v.float()  # is several times slower than its fp32 one
+        with torch.autocast("cpu", enabled=False) if q.device.type == "cpu" else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
@@ -327,10 +330,34 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def autocast(device, bf16):
-    """bf16 autocast on CUDA when asked for; a no-op elsewhere."""
-    if bf16 and str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def native_bf16(device):
+    """Whether device multiplies bf16 matrices in hardware (a CUDA GPU with bf16, a CPU with
+    avx512_bf16 or amx_bf16), where bf16 autocast is faster; elsewhere it is emulated and slower."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    if str(device) == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(precision, device):
+    """--precision auto|bf16|fp32 -> bf16 or fp32 (auto: bf16 where native_bf16)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision must be one of auto, bf16, fp32, got {precision!r}")
+    if precision == "bf16" and str(device) == "mps":
+        raise ValueError("--precision bf16 needs a CPU or CUDA device")
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
+
+
+def autocast(device, precision):
+    """bf16 autocast (weights, optimizer and losses stay fp32) for precision bf16; a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -374,6 +401,18 @@ def load_checkpoint(path, vocab=None, task=None):
                               f"tokens saved, {len(vocab)} now)")
     if task is not None and ckpt["task"] != task:
         raise CheckpointError(f"{path}: checkpoint is for task {ckpt['task']!r}, not {task!r}")
+    return ckpt
+
+
+def resume_checkpoint(path, model, optimizer, train_config, vocab, task):
+    """--resume: once train_config matches the run saved at path (check_resume_config), load its
+    weights, optimizer state and torch RNG into model and optimizer. Returns the checkpoint."""
+    ckpt = load_checkpoint(path, vocab=vocab, task=task)
+    check_resume_config(ckpt.get("train_config"), train_config)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "torch_rng" in ckpt:
+        torch.set_rng_state(ckpt["torch_rng"])
     return ckpt
 
 
@@ -437,15 +476,16 @@ class Factorization(nn.Module):
         emb, rows = self.lm.tok_emb.weight, self.latent_ids
         emb[rows] = emb[self.empty_id] + factor * (emb[rows] - emb[self.empty_id])
 
-    def posterior_features(self, idx, y_state_mask):
-        """The posterior backbone's final states averaged over the y tokens: (B, T) -> (B, d)."""
-        h = self.posterior.ln_f(self.posterior(idx, last_hidden=True)[1])  # (B, T, d)
+    def posterior_features(self, idx, y_state_mask, states=None):
+        """The posterior backbone's final states (B, T, d) averaged over the y tokens: (B, T) -> (B, d).
+        states: those final states, when the caller already has them (a frozen backbone is the base model)."""
+        h = self.posterior.ln_f(self.posterior(idx, last_hidden=True)[1]) if states is None else states
         w = y_state_mask.float() / y_state_mask.sum(1, keepdim=True)  # (B, T)
         return (h * w.unsqueeze(-1)).sum(1)
 
-    def posterior_params(self, idx, y_state_mask):
+    def posterior_params(self, idx, y_state_mask, states=None):
         """The posterior head on the pooled states: (B, out), K logits or (mu, log sigma^2)."""
-        return self.post_head(self.posterior_features(idx, y_state_mask))
+        return self.post_head(self.posterior_features(idx, y_state_mask, states))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +533,7 @@ def check_numbers(cfg, positive=(), at_most=None):
             raise ValueError(f"{name} must be at most {at_most[f.name]}, got {value}")
 
 
-def check_resume_config(saved, now, free=("resume", "device", "steps", "out")):
+def check_resume_config(saved, now, free=("resume", "device", "precision", "steps", "out")):
     """--resume must continue the same run: every setting but those in `free` must match."""
     if not isinstance(saved, dict):
         raise CheckpointError("the checkpoint has no train_config to resume from")

@@ -37,10 +37,9 @@ import torch
 from tqdm import tqdm
 
 from evaluate import base_metrics, first_decodable_position, probe_grid, save_probe_snapshot
-from model import (GPT, GPTConfig, append_jsonl, arg, autocast, check_numbers, check_resume_config,
-                   configure_optimizer, learning_rate, load_checkpoint, machine_info, model_from_checkpoint,
-                   pad_batch, parse_config, pick_device, run_main, save_checkpoint, seed_everything,
-                   token_log_probs, truncate_log, write_json)
+from model import (GPT, GPTConfig, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
+                   machine_info, pad_batch, parse_config, pick_device, resolve_precision, resume_checkpoint, run_main,
+                   save_checkpoint, seed_everything, token_log_probs, truncate_log, write_json)
 from tasks import (PAD, VOCAB, check_task, encode, get_task, parse_task_options, prompt_tokens, record_tokens,
                    task_options_text)
 
@@ -74,7 +73,8 @@ class Config:
     probe_inputs: int = arg(1200, "held-out DGP samples for each probe snapshot (2/3 train the probes)")
     log_interval: int = arg(50, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
-    bf16: bool = arg(False, "bf16 autocast (CUDA only)")
+    precision: str = arg("auto", "training matmuls: auto (bf16 where the hardware computes it, else fp32), "
+                                 "bf16 or fp32; evaluation is fp32")
 
     def validate(self):
         check_numbers(self, positive=("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs",
@@ -144,6 +144,7 @@ def main(argv=None):
     out = cfg.out or os.path.join("runs", task.name, "base")
     total_steps = cfg.steps or TASK_STEPS[task.name]
     device = pick_device(cfg.device)
+    cfg.precision = resolve_precision(cfg.precision, device)
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
     seed_everything(cfg.seed)
 
@@ -151,12 +152,7 @@ def main(argv=None):
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     start_step = 0
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, vocab=VOCAB, task=task.name)
-        check_resume_config(ckpt.get("train_config"), asdict(cfg))
-        model = model_from_checkpoint(ckpt, ckpt_path).to(device)
-        optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
+        start_step = resume_checkpoint(ckpt_path, model, optimizer, asdict(cfg), VOCAB, task.name)["step"]
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
     os.makedirs(out, exist_ok=True)
@@ -188,7 +184,7 @@ def main(argv=None):
         lr = learning_rate(step, cfg.lr, cfg.warmup, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device, cfg.bf16):
+        with autocast(device, cfg.precision):
             loss = y_loss(model, idx, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -242,6 +242,16 @@ def test_jsd_flag_separates_latents(tiny_base):
     assert jsd_after(100.0) > 4 * jsd_after(0.0)
 
 
+def test_a_frozen_posterior_reads_the_base_models_states(tiny_base):
+    fact, ckpt = tiny_fact(tiny_base)
+    task, pairs = grid_pairs(4)
+    batch = D.make_batch(task, pairs, 3, "cpu")
+    stats = D.base_token_stats(D.model_from_checkpoint(ckpt).eval(), batch)
+    own = fact.posterior_params(batch["base_idx"], batch["y_state_mask"])
+    assert torch.allclose(fact.posterior_params(batch["base_idx"], batch["y_state_mask"], stats.states), own,
+                          atol=1e-6)
+
+
 def test_objective_is_the_sum_of_its_terms(tiny_base):
     fact, ckpt = tiny_fact(tiny_base)
     task, pairs = grid_pairs(4)
@@ -340,7 +350,7 @@ def test_latent_log_likelihoods_equal_one_pair_and_one_latent_at_a_time(tiny_bas
     z = torch.randn(2, 4)  # (C, dz)
     for latent in ("discrete", "continuous"):
         fact, _ = tiny_fact(tiny_base, latent)
-        table = D.latent_log_likelihoods(fact, task, pairs, None if latent == "discrete" else z)
+        table = evaluate.latent_log_likelihoods(fact, task, pairs, None if latent == "discrete" else z)
         assert table.shape == (3, 3 if latent == "discrete" else 2)
         for i, (x, y) in enumerate(pairs):
             for c in range(table.shape[1]):
@@ -479,6 +489,7 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     (["--grad-clip", "0"], "--grad-clip must be positive"),
     (["--steps", "-3"], "--steps must be"),
     (["--latent", "gaussian"], "--latent must be one of discrete, continuous"),
+    (["--precision", "fp16"], "--precision must be one of auto, bf16, fp32"),
     (["--resume"], "no checkpoint there"),
 ])
 def test_user_errors_are_one_clear_line(tiny_base, tmp_path, capsys, args, message):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model import (GPT, CheckpointError, GPTConfig, learning_rate, load_checkpoint, model_from_checkpoint,
-                   pad_batch, router_log_probs, save_checkpoint)
+from model import (GPT, CheckpointError, GPTConfig, autocast, learning_rate, load_checkpoint, model_from_checkpoint,
+                   pad_batch, resolve_precision, router_log_probs, save_checkpoint)
 
 V, PAD, EOS = 30, 0, 2
 
@@ -81,6 +81,23 @@ def test_hidden_states_give_the_logits():
     logits, hidden = model(idx, return_hidden=True)
     assert hidden.shape == (2, 3, 9, 32)
     assert torch.allclose(model.lm_head(model.ln_f(hidden[:, -1])), logits, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_gradients_close_to_fp32():
+    model, idx = tiny_model().train(), torch.randint(3, V, (4, 20))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with autocast("cpu", precision):
+            logits = model(idx)
+        assert logits.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+        logits.float().logsumexp(-1).mean().backward()
+        grads[precision] = model.blocks[0].attn.qkv.weight.grad.clone()
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert torch.allclose(grads["bf16"], grads["fp32"], atol=0.05 * grads["fp32"].abs().max().item())
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="--precision must be one of auto, bf16, fp32"):
+        resolve_precision("fp16", "cpu")
 
 
 def test_router_log_probs_renormalise_over_latents():
