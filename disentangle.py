@@ -57,12 +57,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (factorization_metrics, fit_probes, generate_ys, latent_log_likelihoods, posterior_distribution,
-                      record_log_probs, save_posterior_snapshot)
+from evaluate import (factorization_metrics, fit_probes, generate_ys, latent_log_likelihoods, latent_loss_ratios,
+                      posterior_distribution, save_posterior_snapshot)
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
-                   load_checkpoint, machine_info, model_from_checkpoint, pad_batch, parse_config, pick_device,
-                   resolve_precision, resume_checkpoint, router_log_probs, run_main, save_checkpoint, seed_everything,
-                   token_log_probs, truncate_log, write_json)
+                   load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
+                   pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
+                   token_log_probs, write_json)
 from tasks import PAD, STOI, TASKS, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
 
 # ----------------------------------------------------------------------------------------------
@@ -98,18 +98,15 @@ class Config:
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "discrete: weight latents in the JSD by their posterior given the y prefix")
     posterior_variance: float = arg(0.0, "continuous: weight of the mean posterior variance")
-    cluster_init: int = arg(0, "start the posterior from k-means on this many whitened principal components "
-                               "of its backbone's features, which then stays frozen (0: off)")
+    cluster_init: int = arg(0, "k-means start of the posterior on this many whitened components; freezes its backbone")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
-    reassign: int = arg(0, "with --cluster-init: every N steps of the first half, set the posterior from "
-                           "the clusters the generator assigns fresh pairs to (0: off)")
+    reassign: int = arg(0, "with --cluster-init: every N steps of the first half, a hard-EM reassignment (0: off)")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation during training")
     final_inputs: int = arg(500, "held-out inputs of the final evaluation (metrics.json)")
     log_interval: int = arg(10, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
-    precision: str = arg("auto", "training matmuls: auto (bf16 where the hardware computes it, else fp32), "
-                                 "bf16 or fp32; evaluation is fp32")
+    precision: str = arg("auto", "training matmuls: auto (bf16 where the hardware has it), bf16 or fp32")
 
     def validate(self, given, n_strategies):
         """Every value in range, and no flag that this configuration would ignore, before any work."""
@@ -185,12 +182,10 @@ def training_pairs(task, base, cfg, step, device, stream="train", n=0):
 
 
 def make_batch(task, pairs, K, device):
-    """
-    pairs: list of (x, y tokens). Returns a dict of tensors: base_idx (B, T) and base_mask
+    """pairs: list of (x, y tokens). Returns a dict of tensors: base_idx (B, T) and base_mask
     (B, T-1) (the record with <z_empty>; y targets), y_state_mask (B, T) (the states the posterior
     pools), route_pos and slot_pos (B,); discrete: gen_idx (B*K, T) and gen_mask (B*K, T-1),
-    row b*K+k with <zk> in the slot.
-    """
+    row b*K+k with <zk> in the slot."""
     x_tokens = [task.input_tokens(x) for x, _ in pairs]
     records = [encode(record_tokens(xt, y)) for xt, (_, y) in zip(x_tokens, pairs)]
     base_idx, base_mask = pad_batch(records, PAD, [len(xt) + 7 for xt in x_tokens], device)  # from the first y
@@ -297,16 +292,14 @@ def posterior_variance_loss(logvar):
 
 
 def jsd_loss(gen_logits, weights, K, support=None, log_pi=None):
-    """
-    Inter-latent token-level Jensen-Shannon divergence per pair, summed over y with weights (B, T-1):
+    """Inter-latent token-level Jensen-Shannon divergence per pair, summed over y with weights (B, T-1):
 
         JSD_t = H(sum_k pi_k p_k) - sum_k pi_k H(p_k),   p_k = p_psi(. | x, y_<t, z=k)
 
     on the scale of the reconstruction, which it must outweigh to pull latents apart (the exact
     ELBO is indifferent between entangled and disentangled solutions). pi_k is uniform, or log_pi
     (B, K, T-1). With support (B, T-1, V) each p_k is renormalised on the base model's plausible
-    tokens, so a latent cannot raise the JSD by writing tokens no strategy writes.
-    """
+    tokens, so a latent cannot raise the JSD by writing tokens no strategy writes."""
     logits = gen_logits[:, :-1].float()
     logits = logits.view(logits.shape[0] // K, K, *logits.shape[1:])  # (B, K, T-1, V)
     if support is not None:
@@ -503,30 +496,29 @@ def confident_scale(logits):
 
 
 @torch.no_grad()
+def set_posterior_head(fact, weight, bias, logits):
+    """Discrete: post_head becomes (weight (K, d), bias (K,)) times the confident_scale of the logits (N, K)."""
+    scale = confident_scale(logits)
+    fact.post_head.weight.copy_(weight * scale)
+    fact.post_head.bias.copy_(bias * scale)
+
+
 def posterior_to_centroids(fact, points, centroids, whiten, mean):
-    """
-    Discrete: the head becomes the Gaussian mixture of centroids (K, m) in the whitened space,
+    """Discrete: the head becomes the Gaussian mixture of centroids (K, m) in the whitened space,
     logit_k = -|z - c_k|^2 / 2t + const = (z . c_k - |c_k|^2 / 2) / t, linear in the features f
-    (z = (f - mean) @ whiten), at the confident_scale 1 / t of the points (N, m).
-    """
-    scale = confident_scale(-torch.cdist(points, centroids) ** 2 / 2)
+    (z = (f - mean) @ whiten), at the confident_scale 1 / t of the points (N, m)."""
     weight = centroids @ whiten.T  # (K, d)
-    fact.post_head.weight.copy_(weight * scale)
-    fact.post_head.bias.copy_((-0.5 * (centroids ** 2).sum(1) - weight @ mean) * scale)
+    set_posterior_head(fact, weight, -0.5 * (centroids ** 2).sum(1) - weight @ mean,
+                       -torch.cdist(points, centroids) ** 2 / 2)
 
 
-@torch.no_grad()
 def posterior_to_labels(fact, features, assign):
-    """
-    Discrete: the head becomes a logistic regression from the pooled features (N, d), every
-    direction of them, to each pair's latent (assign (N,)), at its confident_scale: the M-step of
-    hard EM for a discriminative posterior.
-    """
+    """Discrete: the head becomes a logistic regression from the pooled features (N, d), every direction
+    of them, to each pair's latent (assign (N,)): the M-step of hard EM for a discriminative posterior."""
     probe = fit_probes(features[None].float().cpu(), assign, torch.ones(1, len(assign)), fact.K)
-    scale = confident_scale(probe.logits(features[None].float().cpu())[0].T)
     weight = probe.weight[0] / probe.std[0]  # (K, d): the standardisation folded into the head
-    fact.post_head.weight.copy_(weight * scale)
-    fact.post_head.bias.copy_((probe.bias[0, :, 0] - weight @ probe.mean[0, 0]) * scale)
+    set_posterior_head(fact, weight, probe.bias[0, :, 0] - weight @ probe.mean[0, 0],
+                       probe.logits(features[None].float().cpu())[0].T)
 
 
 @torch.no_grad()
@@ -549,13 +541,11 @@ def posterior_to_codes(fact, features, assign):
 
 @torch.no_grad()
 def cluster_posterior(fact, base, task, cfg):
-    """
-    k-means on the top cfg.cluster_init whitened principal components of the pooled posterior
+    """k-means on the top cfg.cluster_init whitened principal components of the pooled posterior
     features of CLUSTER_PAIRS pairs. The largest directions follow the input (its numbers, its
     length); whitened, the few along which traces fall into groups, the strategies, count as much.
     Discrete: K clusters, the head their Gaussian mixture. Continuous: one cluster per strategy,
-    each sent to a corner of a simplex. Returns the share of pairs in each cluster.
-    """
+    each sent to a corner of a simplex. Returns the share of pairs in each cluster."""
     pairs = training_pairs(task, base, cfg, 0, fact.lm.tok_emb.weight.device, "clusters", CLUSTER_PAIRS)
     n_clusters = fact.K or len(task.strategies)
     if len(pairs) < 2 * max(cfg.cluster_init, n_clusters):
@@ -574,13 +564,11 @@ def cluster_posterior(fact, base, task, cfg):
 
 @torch.no_grad()
 def reassign_clusters(fact, base, task, cfg, step):
-    """
-    The classification step of hard EM, the generator as the judge: each of CLUSTER_PAIRS fresh
+    """The classification step of hard EM, the generator as the judge: each of CLUSTER_PAIRS fresh
     pairs joins the latent under which the generator rates its y highest (continuous: the cluster
     at whose posterior centroid it does), and the head is set from that assignment again. A
     generator trained on a k-means group decodes the group's strategy, so a stray trace rates
-    higher under its own strategy's latent. Returns the share of pairs that changed cluster.
-    """
+    higher under its own strategy's latent. Returns the share of pairs that changed cluster."""
     pairs = training_pairs(task, base, cfg, step, fact.lm.tok_emb.weight.device, "reassign", CLUSTER_PAIRS)
     posterior, features = posterior_distribution(fact, task, pairs, features=True)
     if fact.latent == "discrete":
@@ -604,24 +592,14 @@ INIT_TOLERANCE = 0.05  # at step 0 every latent's y-loss is within 5% of the bas
 INIT_PAIRS = 256  # pairs that check: on one batch the ratio's own noise can exceed the tolerance
 
 
-def init_loss_ratios(fact, base, task, pairs, dz):
-    """y-loss of the generator under each latent (continuous: z ~ N(0, I) per pair) / the base model's."""
-    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    base_loss = record_log_probs(base, task, xs, ys).sum()
-    if fact.K:
-        return (latent_log_likelihoods(fact, task, pairs).sum(0) / base_loss).tolist()
-    z = torch.randn(len(xs), dz)
-    return [(record_log_probs(fact.lm, task, xs, ys, latent=z).sum() / base_loss).item()]
-
-
 def start_at_base(fact, base, task, cfg, device):
     """Step 0: the y-loss under every latent within INIT_TOLERANCE of the base model's (latent
     noise that breaks it is halved until it holds), then the k-means start. Returns log records."""
     pairs = training_pairs(task, base, cfg, 0, device, "init", INIT_PAIRS)
-    ratio, noise_scale = init_loss_ratios(fact, base, task, pairs, cfg.dz), 1.0
+    ratio, noise_scale = latent_loss_ratios(fact, base, task, pairs), 1.0
     while fact.K and max(ratio) > 1 + INIT_TOLERANCE and noise_scale > 1 / 64:
         fact.shrink_latent_noise(0.5)
-        ratio, noise_scale = init_loss_ratios(fact, base, task, pairs, cfg.dz), noise_scale / 2
+        ratio, noise_scale = latent_loss_ratios(fact, base, task, pairs), noise_scale / 2
     tqdm.write(f"step 0: y-loss per latent / base y-loss = {[round(r, 4) for r in ratio]}"
                + (f" (latent noise x{noise_scale:g})" if noise_scale < 1 else ""))
     records = [{"step": 0, "init/y_loss_ratio": ratio, "init/noise_scale": noise_scale}]
@@ -684,15 +662,9 @@ def main(argv=None):
     seed_everything(cfg.seed)
     fact = build_factorization(cfg, task, base_dir, base_ckpt, device)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
-    if not cfg.resume and os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
-    ckpt = resume_checkpoint(ckpt_path, fact, optimizer, asdict(cfg), VOCAB, task.name) if cfg.resume else {}
-    start_step, seconds = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0)
-    os.makedirs(out, exist_ok=True)
-    truncate_log(log_path, start_step if cfg.resume else -1)  # a fresh run starts a fresh log
-    write_json(os.path.join(out, "config.json"), {**asdict(cfg), "k": fact.K, "base": base_dir,
-                                                  "machine": machine_info(device)})
-    t0 = time.perf_counter()
+    ckpt = open_run(out, cfg.resume, fact, optimizer, asdict(cfg), VOCAB, task.name,
+                    {**asdict(cfg), "k": fact.K, "base": base_dir, "machine": machine_info(device)})
+    start_step, seconds, t0 = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0), time.perf_counter()
 
     def evaluate_and_checkpoint(step):
         n_inputs = cfg.final_inputs if step == cfg.steps else cfg.eval_inputs

@@ -433,6 +433,16 @@ def latent_log_likelihoods(fact, task, pairs, z=None):
     return torch.stack([record_log_probs(fact.lm, task, xs, ys, latent=zc.expand(len(xs), -1)) for zc in z], 1)
 
 
+def latent_loss_ratios(fact, base, task, pairs):
+    """y-loss of the generator under each latent (continuous: z ~ N(0, I) per pair) / the base model's."""
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    base_loss = record_log_probs(base, task, xs, ys).sum()
+    if fact.K:
+        return (latent_log_likelihoods(fact, task, pairs).sum(0) / base_loss).tolist()
+    z = torch.randn(len(xs), fact.dz)
+    return [(record_log_probs(fact.lm, task, xs, ys, latent=z).sum() / base_loss).item()]
+
+
 def factorization_metrics(fact, task, n_inputs, seed):
     """Every stage-2 metric on n_inputs held-out inputs, and the arrays the figures draw."""
     fact.eval()

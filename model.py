@@ -533,6 +533,20 @@ def check_numbers(cfg, positive=(), at_most=None):
             raise ValueError(f"{name} must be at most {at_most[f.name]}, got {value}")
 
 
+def open_run(out, resume, model, optimizer, train_config, vocab, task, config_record):
+    """Start or resume the run in folder out. A fresh run refuses a folder that holds a checkpoint
+    and starts a fresh log; --resume loads the checkpoint (resume_checkpoint) and cuts the log back
+    to its step. Writes config.json (config_record). Returns the checkpoint ({} for a fresh run)."""
+    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
+    if not resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
+    ckpt = resume_checkpoint(ckpt_path, model, optimizer, train_config, vocab, task) if resume else {}
+    os.makedirs(out, exist_ok=True)
+    truncate_log(log_path, ckpt["step"] if resume else -1)
+    write_json(os.path.join(out, "config.json"), config_record)
+    return ckpt
+
+
 def check_resume_config(saved, now, free=("resume", "device", "precision", "steps", "out")):
     """--resume must continue the same run: every setting but those in `free` must match."""
     if not isinstance(saved, dict):

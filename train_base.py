@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from evaluate import base_metrics, first_decodable_position, probe_grid, save_probe_snapshot
 from model import (GPT, GPTConfig, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
-                   machine_info, pad_batch, parse_config, pick_device, resolve_precision, resume_checkpoint, run_main,
-                   save_checkpoint, seed_everything, token_log_probs, truncate_log, write_json)
+                   machine_info, open_run, pad_batch, parse_config, pick_device, resolve_precision, run_main,
+                   save_checkpoint, seed_everything, token_log_probs, write_json)
 from tasks import (PAD, VOCAB, check_task, encode, get_task, parse_task_options, prompt_tokens, record_tokens,
                    task_options_text)
 
@@ -150,19 +150,14 @@ def main(argv=None):
 
     model = GPT(model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
-    start_step = 0
-    if cfg.resume:
-        start_step = resume_checkpoint(ckpt_path, model, optimizer, asdict(cfg), VOCAB, task.name)["step"]
-    elif os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or --out for a new run")
-    os.makedirs(out, exist_ok=True)
-    truncate_log(log_path, start_step if cfg.resume else -1)  # a fresh run starts a fresh log
-    write_json(os.path.join(out, "config.json"), {**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg),
-                                                  "machine": machine_info(device)})
+    ckpt = open_run(out, cfg.resume, model, optimizer, asdict(cfg), VOCAB, task.name,
+                    {**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg), "machine": machine_info(device)})
+    start_step, seconds = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0)  # a resumed run keeps its time
 
     def checkpoint(step, metrics):
-        save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options=task_options,
-                        optimizer=optimizer.state_dict(), train_config=asdict(cfg), step=step, metrics=metrics)
+        save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options=task_options, optimizer=optimizer.state_dict(),
+                        train_config=asdict(cfg), step=step, metrics=metrics,
+                        train_seconds=seconds + time.perf_counter() - t0)
 
     def evaluate_and_snapshot(step):
         metrics = base_metrics(model, task, cfg.eval_inputs, cfg.seed)
@@ -205,7 +200,7 @@ def main(argv=None):
                        f"tv {metrics['strategy_tv']:.3f} excess_nll {metrics['excess_nll']:.4f} "
                        f"probe95@{metrics['probe_first_position_95']}")
     if metrics:
-        metrics["train_seconds"] = time.perf_counter() - t0
+        metrics["train_seconds"] = seconds + time.perf_counter() - t0
         write_json(os.path.join(out, "metrics.json"), metrics)
     return 0
 

@@ -1,6 +1,6 @@
 """
 The benchmark: train the base models and the stage-2 recipes of a list of (task, latent, seed)
-runs, then write docs/results.md from the run folders. Finished runs are skipped, stopped ones
+runs, then write docs/results.md from their records. Finished runs are skipped, stopped ones
 resumed, so running it again costs only what is missing and rewrites the same file.
 
     python benchmark/run.py                                    # the default sweep, 2 jobs on a 2-core CPU
@@ -9,7 +9,10 @@ resumed, so running it again costs only what is missing and rewrites the same fi
     python benchmark/run.py --report-only                      # only rewrite docs/results.md
 
 Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<S>; logs in
-runs/benchmark/logs/. Each job gets cores / jobs threads.
+runs/benchmark/logs/. Each job gets cores / jobs threads. When a run finishes, its config.json and
+metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with the code: the
+report is written from the records, so a table can grow over sweeps on different machines, and a
+base model whose folder is gone is trained again only when a stage-2 run still needs it.
 """
 
 import argparse
@@ -22,10 +25,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from disentangle import Config as Stage2Config  # noqa: E402
+from model import write_json  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 # the base model each task's stage 2 starts from (2-digit addition: the recipe's base)
-BASE_ARGS = {"grid": [], "linear": [], "sort": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"],
+BASE_ARGS = {"grid": [], "linear": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"], "sort": [],
              "sum": [], "base": []}
 DEFAULT_TASKS = ("grid", "linear", "add", "sort")
 DEFAULT_LATENTS, DEFAULT_SEEDS = ("discrete", "continuous"), (0, 1, 2)
@@ -38,23 +42,25 @@ TARGETS = {  # key -> the least value that meets the target (docs/metrics.md)
 }
 
 
-def run_folder(runs, task, latent=None, seed=None):
-    name = get_task(task).name
-    return os.path.join(runs, name, "base" if latent is None else f"{latent}_seed{seed}")
+def run_name(latent=None, seed=None):
+    return "base" if latent is None else f"{latent}_seed{seed}"
 
 
 def jobs_for(args):
-    """The (name, folder, command, prerequisite folder) of every run, bases first."""
+    """The (name, folder, record, command, base folder) of every run, bases first."""
     jobs = []
     for task in args.tasks:
-        base = run_folder(args.runs, task)
-        jobs.append((f"{task}-base", base, ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None))
+        name = get_task(task).name
+        base = os.path.join(args.runs, name, "base")
+        jobs.append((f"{task}-base", base, os.path.join(args.records, name, "base.json"),
+                     ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None))
         for latent in args.latents:
             for seed in args.seeds:
-                out = run_folder(args.runs, task, latent, seed)
+                out = os.path.join(args.runs, name, run_name(latent, seed))
                 command = ["disentangle.py", "--task", task, "--latent", latent, "--seed", str(seed),
                            "--base", base, "--out", out]
-                jobs.append((f"{task}-{latent}-seed{seed}", out, command, base))
+                jobs.append((f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run_name(latent, seed)}.json"),
+                             command, base))
     return jobs
 
 
@@ -62,35 +68,61 @@ def finished(folder):
     return os.path.exists(os.path.join(folder, "metrics.json"))
 
 
+def save_record(folder, record):
+    """Copy a finished run's config.json and metrics.json into its record."""
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    write_json(record, {"config": read(os.path.join(folder, "config.json")),
+                        "metrics": read(os.path.join(folder, "metrics.json"))})
+
+
+def pending_jobs(args):
+    """The runs without a record, and the bases they need whose checkpoint is gone (records first
+    brought up to date from the run folders)."""
+    jobs = jobs_for(args)
+    for _, folder, record, _, _ in jobs:
+        if finished(folder):
+            save_record(folder, record)
+    missing = [j for j in jobs if not os.path.exists(j[2])]
+    needed = {j[4] for j in missing if j[4] is not None}
+    return [j for j in jobs if j in missing or (j[1] in needed and not os.path.exists(os.path.join(j[1], "ckpt.pt")))]
+
+
+def busy(pending, running):
+    """The folders of the runs that are waiting or running: a stage-2 run waits for its base."""
+    return {j[1] for j in pending} | {folder for _, folder, _, _ in running.values()}
+
+
 def run_jobs(args):
     """Run what is missing, args.jobs at a time; a stopped run (a checkpoint, no metrics) resumes."""
-    pending = [j for j in jobs_for(args) if not finished(j[1])]
+    pending = pending_jobs(args)
     running, failed = {}, set()
     os.makedirs(os.path.join(args.runs, "logs"), exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     while pending or running:
         for job in list(pending):
-            name, folder, command, needs = job
+            name, folder, record, command, needs = job
             if len(running) >= args.jobs:
                 break
             if needs in failed:
                 pending.remove(job)
                 failed.add(folder)
                 print(f"skip  {name}: its base model failed")
-            elif needs is None or finished(needs):
+            elif needs is None or (finished(needs) and needs not in busy(pending, running)):
                 pending.remove(job)
                 resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
                 log = open(os.path.join(args.runs, "logs", f"{name}.log"), "a")
                 env = {**os.environ, "OMP_NUM_THREADS": threads}
                 full = [sys.executable, *command, *(["--device", args.device] if args.device != "auto" else []), *resume]
                 running[name] = (subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
-                                 folder, time.time())
+                                 folder, record, time.time())
                 print(f"start {name}{' (resume)' if resume else ''}")
-        for name, (proc, folder, started) in list(running.items()):
+        for name, (proc, folder, record, started) in list(running.items()):
             if proc.poll() is not None:
                 del running[name]
                 if proc.returncode:
                     failed.add(folder)
+                else:
+                    save_record(folder, record)
                 print(f"{'done ' if not proc.returncode else 'FAIL '} {name} in {time.time() - started:.0f} s"
                       + (f" (exit {proc.returncode}, see {args.runs}/logs/{name}.log)" if proc.returncode else ""))
         time.sleep(2)
@@ -98,15 +130,21 @@ def run_jobs(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# docs/results.md from the run folders
+# docs/results.md from the records
 
 
-def read(folder, name):
+def read(path):
     try:
-        with open(os.path.join(folder, name)) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def read_record(records, task, run):
+    """(config, metrics) of a run's record, or (None, None)."""
+    record = read(os.path.join(records, get_task(task).name, f"{run}.json")) or {}
+    return record.get("config"), record.get("metrics")
 
 
 def stage2_values(metrics, latent):
@@ -143,13 +181,12 @@ def command(config, script):
     return f"python {script} {flags} (reconstructed)"
 
 
-def base_table(runs, tasks):
+def base_table(records, tasks):
     keys = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
     rows = ["| task | command | steps | wall-clock | machine | started | " + " | ".join(keys) + " |",
             "|---" * (6 + len(keys)) + "|"]
     for task in tasks:
-        folder = run_folder(runs, task)
-        config, metrics = read(folder, "config.json"), read(folder, "metrics.json")
+        config, metrics = read_record(records, task, "base")
         if not (config and metrics):
             continue
         where, started = machine(config)
@@ -159,14 +196,13 @@ def base_table(runs, tasks):
     return rows
 
 
-def stage2_table(runs, tasks, latent, seeds):
+def stage2_table(records, tasks, latent, seeds):
     keys = list(TARGETS[latent])
     rows = []
     for task in tasks:
         found = []
         for seed in seeds:
-            folder = run_folder(runs, task, latent, seed)
-            config, metrics = read(folder, "config.json"), read(folder, "metrics.json")
+            config, metrics = read_record(records, task, run_name(latent, seed))
             if config and metrics:
                 found.append((seed, config, stage2_values(metrics, latent)))
         if not found:
@@ -190,16 +226,27 @@ def stage2_table(runs, tasks, latent, seeds):
     return rows
 
 
+def recorded_seeds(records, task, latent):
+    folder = os.path.join(records, get_task(task).name)
+    prefix = f"{latent}_seed"
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(n[len(prefix):-5]) for n in names if n.startswith(prefix) and n.endswith(".json"))
+
+
 def write_report(args):
+    """docs/results.md from every record there is, whatever this call ran: the same records give the same file."""
+    tasks = list(BASE_ARGS)  # the tables' order
     lines = ["# Results", "",
-             "Generated by `python benchmark/run.py` from the run folders under `runs/benchmark/`; do not edit",
-             "by hand. Every row is read from its folder's config.json (the command, the resolved settings,",
+             "Generated by `python benchmark/run.py` from the records in `benchmark/records/`; do not edit by",
+             "hand. Each record is a finished run folder's config.json (the command, the resolved settings,",
              "machine and start) and metrics.json (the final evaluation and the wall-clock). Targets: "
              + "; ".join(f"{kind}: " + ", ".join(f"{k} >= {v}" for k, v in t.items()) for kind, t in TARGETS.items())
              + ".", "", "## Base models", ""]
-    lines += base_table(args.runs, args.tasks) + [""]
-    for latent in args.latents:
-        lines += [f"## Stage 2, {latent} latent", ""] + stage2_table(args.runs, args.tasks, latent, args.seeds)
+    lines += base_table(args.records, tasks) + [""]
+    for latent in DEFAULT_LATENTS:
+        lines += [f"## Stage 2, {latent} latent", ""]
+        for task in tasks:
+            lines += stage2_table(args.records, [task], latent, recorded_seeds(args.records, task, latent))
     with open(args.report, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.report}")
@@ -213,6 +260,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (2 on a 2-core CPU; a GPU takes many)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps, passed to every run")
     parser.add_argument("--runs", default=os.path.join("runs", "benchmark"), help="where the run folders go")
+    parser.add_argument("--records", default=os.path.join("benchmark", "records"),
+                        help="where each finished run's config and metrics are kept")
     parser.add_argument("--report", default=os.path.join("docs", "results.md"), help="the file to write")
     parser.add_argument("--report-only", action="store_true", help="do not run anything, only write the report")
     args = parser.parse_args(argv)

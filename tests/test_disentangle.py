@@ -57,11 +57,11 @@ def test_shrinking_latent_noise_returns_the_latents_to_the_base_model(tiny_base)
     task, pairs = grid_pairs()
     emb, rows = fact.lm.tok_emb.weight, [STOI[t] for t in LATENT_TOKENS[:3]]
     offsets = (emb[rows] - emb[STOI["<z_empty>"]]).norm(dim=1)
-    assert D.init_loss_ratios(fact, fact.lm, task, pairs, 4) != pytest.approx([1.0] * 3, abs=1e-6)
+    assert evaluate.latent_loss_ratios(fact, fact.lm, task, pairs) != pytest.approx([1.0] * 3, abs=1e-6)
     fact.shrink_latent_noise(0.5)
     assert torch.allclose((emb[rows] - emb[STOI["<z_empty>"]]).norm(dim=1), offsets / 2)
     fact.shrink_latent_noise(0.0)  # every <zk> is now <z_empty>: each latent's y-loss is the no-latent one
-    assert D.init_loss_ratios(fact, fact.lm, task, pairs, 4) == pytest.approx([1.0] * 3, abs=1e-6)
+    assert evaluate.latent_loss_ratios(fact, fact.lm, task, pairs) == pytest.approx([1.0] * 3, abs=1e-6)
 
 
 def test_elbo_bounds_the_exact_marginal_and_is_tight_at_the_exact_posterior():
@@ -151,9 +151,9 @@ def test_gaussian_terms_against_closed_forms_and_samples():
 
 def test_free_bits_floor_the_batch_kl_and_stop_its_gradient():
     kl = torch.tensor([0.1, 0.3], requires_grad=True)  # mean 0.2
-    assert float(D.free_bits_kl(kl, 0.0)) == pytest.approx(0.2)
+    assert D.free_bits_kl(kl, 0.0).item() == pytest.approx(0.2)
     floored = D.free_bits_kl(kl, 0.5)
-    assert float(floored) == pytest.approx(0.5)
+    assert floored.item() == pytest.approx(0.5)
     floored.backward()
     assert kl.grad.abs().sum() == 0  # below the floor the KL exerts no pull
     assert float(D.free_bits_kl(torch.tensor([0.8, 1.0]), 0.5)) == pytest.approx(0.9)

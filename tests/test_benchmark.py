@@ -1,0 +1,61 @@
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
+import run as benchmark  # noqa: E402
+
+
+def args_for(tmp_path):
+    """What `benchmark/run.py --tasks grid --latents discrete --seeds 0 1` parses, in tmp_path."""
+    return benchmark.argparse.Namespace(runs=str(tmp_path / "runs"), records=str(tmp_path / "records"),
+                                        report=str(tmp_path / "results.md"), tasks=["grid"], latents=["discrete"],
+                                        seeds=[0, 1], jobs=2, device="auto", report_only=True)
+
+
+def finish(folder, config, metrics, ckpt=True):
+    os.makedirs(folder, exist_ok=True)
+    for name, record in (("config.json", config), ("metrics.json", metrics)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(record, f)
+    if ckpt:
+        open(os.path.join(folder, "ckpt.pt"), "w").close()
+
+
+BASE = ({"task": "grid_pathfinding", "steps": 2500},
+        {"answer_accuracy": 0.99, "parse_rate": 1.0, "strategy_tv": 0.02, "strategy_tv_per_input": 0.03,
+         "excess_nll": 0.01, "train_seconds": 480.0})
+
+
+def stage2(seed, alignment):
+    return ({"task": "grid", "latent": "discrete", "seed": seed, "steps": 1200},
+            {"alignment_one_to_one": alignment, "local_strategy_full_coverage_rate": 0.9,
+             "router/answer_accuracy": 0.99, "eval_inputs": 500, "train_seconds": 180.0})
+
+
+def test_finished_runs_become_records_and_the_report_is_rewritten_the_same(tmp_path):
+    args = args_for(tmp_path)
+    finish(os.path.join(args.runs, "grid_pathfinding", "base"), *BASE)
+    assert [j[0] for j in benchmark.pending_jobs(args)] == ["grid-discrete-seed0", "grid-discrete-seed1"]
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"), *stage2(0, 0.8))
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed1"), *stage2(1, 1.0))
+    assert benchmark.pending_jobs(args) == []
+    benchmark.write_report(args)
+    first = open(args.report).read()
+    assert "| **min** | | | | | | | 0.800 | 0.900 | 0.990 | 1 of 2 |" in first
+    assert "| **mean** | | | | | | | 0.900 |" in first
+    benchmark.write_report(args)
+    assert open(args.report).read() == first
+
+
+def test_a_base_whose_folder_is_gone_is_trained_again_only_for_a_missing_stage2_run(tmp_path):
+    args = args_for(tmp_path)
+    finish(os.path.join(args.runs, "grid_pathfinding", "base"), *BASE)
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"), *stage2(0, 1.0))
+    benchmark.pending_jobs(args)  # records both
+    for name in ("base", "discrete_seed0"):  # the run folders are gone, the records stay
+        for f in ("ckpt.pt", "metrics.json", "config.json"):
+            os.remove(os.path.join(args.runs, "grid_pathfinding", name, f))
+    assert [j[0] for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed1"]
+    args.seeds = [0]
+    assert benchmark.pending_jobs(args) == []
