@@ -7,7 +7,8 @@ Stage 2: factorize the entangled base model into a router and a strategy-conditi
 One causal LM, initialised from the base model, is both router and generator:
 
     router     <bos> <x> .. </x> <z>                   next token, restricted to <z1>..<zK>
-               (continuous: N(mu_phi(x), sigma_phi(x)^2) from a head on the hidden state at <z>)
+               (continuous: N(mu_phi(x), sigma_phi(x)^2) from a head on the hidden state at <z>,
+               or with --router mixture M such Gaussians and their weights pi(x))
     generator  <bos> <x> .. </x> <z> <zk> </z> <y> .. </y> <eos>
                (continuous: <z_empty> in the slot, plus E(z) added to its embedding)
 
@@ -21,11 +22,14 @@ conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data model: y ~ p_base), in `
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
     K  KL(q_xi(z|x,y) || p_phi(z|x))        categorical_kl, gaussian_kl; --free-bits: free_bits_kl
+       --router mixture, p_phi = sum_m pi_m N(mu_m, sigma_m^2), estimated on the recon's z_s:
+       (1/S) sum_s [log q(z_s|x,y) - log p_phi(z_s|x)]                      mixture_kl
     aux, each behind its flag, times that flag's weight:
       --posterior-entropy   + H(q(z|x,y))                                  posterior_entropy_loss
       --router-support      - log sum_k p_full(<zk>|x)                     router_support_loss
       --router-marginal-kl  + KL(mean_x p_phi(z|x) || Unif(K))             router_marginal_kl_loss
                             + KL(N(mean mu, mean sigma^2 + var mu) || N(0, I))  gaussian_marginal_kl_loss
+                            (--router mixture: KL(mean_x pi(x) || Unif(M)) instead, router_marginal_kl_loss)
       --jsd                 - sum_t JSD_t(p_psi(y_t|x,y_<t,z=1..K))        jsd_loss, prefix_posterior
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
@@ -88,6 +92,8 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     samples: int = arg(4, "continuous: reparameterised samples S per pair")
+    router: str = arg("gaussian", "continuous: p_phi(z|x) a gaussian, or a mixture of --components gaussians")
+    components: int = arg(0, "continuous, --router mixture: components M (0: the task's number of strategies)")
     beta: float = arg(1.0, "weight of KL(q || p_phi)")
     free_bits: float = arg(0.0, "the KL term is max(mean KL, free_bits) over the batch (0: off)")
     token_weighted: bool = arg(True, "weight recon tokens by the base model's predictive entropy")
@@ -110,20 +116,22 @@ class Config:
 
     def validate(self, given, n_strategies):
         """Every value in range, and no flag that this configuration would ignore, before any work."""
-        for name, allowed in {"latent": ("discrete", "continuous"), "data": ("dgp", "model")}.items():
+        for name, allowed in {"latent": ("discrete", "continuous"), "data": ("dgp", "model"),
+                              "router": ("gaussian", "mixture")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         check_numbers(self, positive=("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs",
                                       "final_inputs", "log_interval", "lr", "grad_clip"),
                       at_most={"batch_size": 4096, "samples": 256, "dz": 1024, "eval_inputs": 100_000,
-                               "final_inputs": 100_000, "cluster_init": 4096})
+                               "final_inputs": 100_000, "cluster_init": 4096, "components": 64})
         if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
             raise ValueError(f"--k must be between 2 and {MAX_LATENTS}, got {self.k}")
-        other = {"discrete": ("dz", "samples", "posterior_variance"),
+        other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
                  "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
         ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
         ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
+        ignored.update({"components": "--router gaussian"} if self.router == "gaussian" else {})
         for name, reason in ignored.items():
             if name in given:
                 raise ValueError(f"--{name.replace('_', '-')} has no effect with {reason}")
@@ -286,6 +294,21 @@ def gaussian_marginal_kl_loss(mu, logvar):
     return 0.5 * (v + m ** 2 - 1 - v.log()).sum()
 
 
+def gaussian_log_density(z, mu, logvar):
+    """log N(z; mu, diag exp(logvar)), summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
+
+
+def mixture_kl(z, mu_q, logvar_q, log_pi, mu_p, logvar_p):
+    """KL(q || p_phi) for the mixture router, which has no closed form, estimated with the posterior's
+    reparameterised samples z (B, S, dz) (as VampPrior does for its mixture prior):
+    (1/S) sum_s [log q(z_s|x,y) - log sum_m pi_m N(z_s; mu_m, sigma_m^2)]; q (B, dz), p_phi (B, M[, dz]) -> (B,)."""
+    log_q = gaussian_log_density(z, mu_q[:, None], logvar_q[:, None])  # (B, S)
+    log_p = torch.logsumexp(log_pi[:, None] + gaussian_log_density(z[:, :, None], mu_p[:, None], logvar_p[:, None]),
+                            dim=-1)  # (B, S)
+    return (log_q - log_p).mean(1)
+
+
 def posterior_variance_loss(logvar):
     """mean_d sigma_xi,d^2: (B, dz) -> (B,)."""
     return logvar.exp().mean(-1)
@@ -347,8 +370,10 @@ class ContinuousPass:
     token_logp: torch.Tensor  # (B, S, T-1) log p_psi(y_t | x, y_<t, z_s), 0 off the y targets
     posterior_mu: torch.Tensor  # (B, dz)
     posterior_logvar: torch.Tensor  # (B, dz)
-    router_mu: torch.Tensor  # (B, dz)
-    router_logvar: torch.Tensor  # (B, dz)
+    z: torch.Tensor  # (B, S, dz) the posterior samples
+    router_log_pi: torch.Tensor  # (B, M) log pi_m(x), 0 for the Gaussian router (M = 1)
+    router_mu: torch.Tensor  # (B, M, dz)
+    router_logvar: torch.Tensor  # (B, M, dz)
 
 
 def continuous_pass(fact, batch, S, posterior_states=None):
@@ -363,8 +388,7 @@ def continuous_pass(fact, batch, S, posterior_states=None):
     token_logp = token_log_probs(logits, gen_idx).view(B, S, -1) * batch["base_mask"][:, None]
     # the router reads the state at <z>, before the slot, so it never sees z
     route_state = fact.lm.ln_f(last[::S][torch.arange(B), batch["route_pos"]])  # (B, d)
-    mu_p, logvar_p = fact.router_head(route_state).float().chunk(2, dim=-1)
-    return ContinuousPass(token_logp, mu_q, logvar_q, mu_p, logvar_p)
+    return ContinuousPass(token_logp, mu_q, logvar_q, z.view(B, S, -1), *fact.router_params(route_state))
 
 
 @dataclass
@@ -402,17 +426,22 @@ def objective(fact, base, batch, cfg):
     else:
         p = continuous_pass(fact, batch, cfg.samples, posterior_states)
         recon, raw_recon = continuous_recon_loss(p.token_logp, weights), continuous_recon_loss(p.token_logp, mask)
-        kl_dims = gaussian_kl(p.posterior_mu, p.posterior_logvar, p.router_mu, p.router_logvar)  # (B, dz)
-        kl = kl_dims.sum(-1)
+        if fact.router == "gaussian":
+            kl_dims = gaussian_kl(p.posterior_mu, p.posterior_logvar, p.router_mu[:, 0], p.router_logvar[:, 0])
+            kl, diagnostics = kl_dims.sum(-1), {"diag/kl_per_dim": kl_dims.mean(0)}  # kl_dims (B, dz)
+        else:
+            kl = mixture_kl(p.z, p.posterior_mu, p.posterior_logvar, p.router_log_pi, p.router_mu, p.router_logvar)
+            diagnostics = {"usage/router_components": p.router_log_pi.exp().mean(0)}
         if cfg.posterior_variance:
             variance = posterior_variance_loss(p.posterior_logvar).mean()
             aux["aux/posterior_variance"] = cfg.posterior_variance * variance
         if cfg.router_marginal_kl:
-            aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * gaussian_marginal_kl_loss(p.router_mu,
-                                                                                                p.router_logvar)
-        diagnostics = {"diag/posterior_var": p.posterior_logvar.exp().mean(),
-                       "diag/router_var": p.router_logvar.exp().mean(),
-                       "diag/elbo": -(raw_recon + kl).mean(), "diag/kl_per_dim": kl_dims.mean(0)}
+            # the batch's router moments against N(0, I); a mixture's aggregate is uniform over its components
+            marginal = gaussian_marginal_kl_loss(p.router_mu[:, 0], p.router_logvar[:, 0]) \
+                if fact.router == "gaussian" else router_marginal_kl_loss(p.router_log_pi)
+            aux["aux/router_marginal_kl"] = cfg.router_marginal_kl * marginal
+        diagnostics.update({"diag/posterior_var": p.posterior_logvar.exp().mean(),
+                            "diag/router_var": p.router_logvar.exp().mean(), "diag/elbo": -(raw_recon + kl).mean()})
     if cfg.normalized_recon:
         recon = normalized_recon(recon, -(stats.token_logp * weights).sum(-1))
     recon_term, kl_term = recon.mean(), cfg.beta * free_bits_kl(kl, cfg.free_bits)
@@ -624,7 +653,8 @@ def build_factorization(cfg, task, base_dir, base_ckpt, device):
     """The factorization initialised from the base model (model.Factorization), on device."""
     K = (cfg.k or len(task.strategies)) if cfg.latent == "discrete" else 0
     fact = Factorization(base_ckpt, os.path.join(base_dir, "ckpt.pt"), cfg.latent, latent_ids(K), STOI["<z_empty>"],
-                         cfg.dz, cluster_codes(len(task.strategies), cfg.dz), seed=cfg.seed).to(device)
+                         cfg.dz, cluster_codes(len(task.strategies), cfg.dz), seed=cfg.seed, router=cfg.router,
+                         components=cfg.components or len(task.strategies)).to(device)
     if cfg.cluster_init:  # the clusters live in the base model's features: keep them, train the head
         fact.posterior.requires_grad_(False)
     return fact

@@ -390,7 +390,7 @@ def local_coverage(task, xs, ys_per_latent):
 @torch.no_grad()
 def router_distribution(fact, task, xs):
     """p_phi(z|x) from the router prompt <bos> <x> .. </x> <z>: probabilities (N, K) (discrete),
-    or (mu, logvar) (N, dz) each (continuous)."""
+    or the mixture's (log pi (N, M), mu (N, M, dz), logvar (N, M, dz)) (continuous; M = 1: Gaussian)."""
     device = fact.lm.tok_emb.weight.device
     prompts = [encode(prompt_tokens(task.input_tokens(x))) for x in xs]
     idx, _ = pad_batch(prompts, PAD, [0] * len(prompts), device)
@@ -401,7 +401,7 @@ def router_distribution(fact, task, xs):
         latent_ids = [STOI[t] for t in LATENT_TOKENS[:fact.K]]
         return router_log_probs(logits[rows, route_pos], latent_ids)[0].exp().cpu()
     state = fact.lm.ln_f(last[rows, route_pos])
-    return tuple(t.cpu() for t in fact.router_head(state).float().chunk(2, dim=-1))
+    return tuple(t.cpu() for t in fact.router_params(state))
 
 
 @torch.no_grad()
@@ -483,9 +483,12 @@ def discrete_scores(fact, task, xs, pairs, labels, seed):
 def continuous_scores(fact, task, xs, pairs, labels, seed):
     """Router-sampled generation; probes from router draws and from posterior means to the
     strategy; centroid geometry; decodes from each strategy's posterior centroid."""
-    mu_p, logvar_p = router_distribution(fact, task, xs)
-    eps = torch.randn(mu_p.shape, generator=torch.Generator().manual_seed(seed))
-    z = mu_p + (0.5 * logvar_p).exp() * eps  # (N, dz), z ~ p_phi(z|x)
+    log_pi, mu_p, logvar_p = router_distribution(fact, task, xs)  # (N, M), (N, M, dz) each
+    component = torch.zeros(len(xs), dtype=torch.long) if log_pi.shape[1] == 1 else \
+        torch.multinomial(log_pi.exp(), 1, generator=torch.Generator().manual_seed(seed + 1)).squeeze(1)
+    rows = torch.arange(len(xs))
+    eps = torch.randn(mu_p[:, 0].shape, generator=torch.Generator().manual_seed(seed))
+    z = mu_p[rows, component] + (0.5 * logvar_p[rows, component]).exp() * eps  # (N, dz), z ~ p_phi(z|x)
     ys = generate_ys(fact.lm, task, xs, latent=z, seed=seed)
     metrics = {f"router/{k}": v for k, v in generation_metrics(task, xs, ys).items()}
     decoded = [task.check(x, y).strategies if y is not None else frozenset() for x, y in zip(xs, ys)]
@@ -499,6 +502,7 @@ def continuous_scores(fact, task, xs, pairs, labels, seed):
     metrics["active_units"] = int((mu_q.var(0) > 0.01).sum()) if len(mu_q) > 1 else 0
     metrics.update(centroid_control(fact, task, xs, mu_q, labels))
     metrics["router_nearest_centroid_rate"] = nearest_centroid_rate(task, z, decoded, mu_q, labels)
+    metrics["router_component_usage"] = log_pi.exp().mean(0).tolist()
     return metrics, {"mu": mu_q.numpy(), "z_sampled": z[keep].numpy(), "z_strategy": z_labels.numpy()}
 
 

@@ -443,15 +443,19 @@ class Factorization(nn.Module):
     lm:          router p_phi(z|x) and generator p_psi(y|x,z), one causal LM from the base
     posterior:   a second copy of the base backbone; post_head maps its mean y-state to
                  K logits (discrete) or (mu, log sigma^2) (continuous)
-    router_head: continuous only, (mu, log sigma^2) of p_phi(z|x) from the LM's state at <z>
+    router_head: continuous only, p_phi(z|x) from the LM's state at <z>: (mu, log sigma^2) of a
+                 Gaussian, or (router "mixture") the logits, means and log variances of M
+                 Gaussians, the means starting at the codes (router_params reads both)
     codes:       continuous only, the corners (C, dz) a clustered posterior is sent to; fixed by
                  the caller, so not saved
     latent_ids are the K latent tokens (discrete), empty_id the no-op <z_empty> each starts from.
     """
 
-    def __init__(self, base_ckpt, path, latent, latent_ids, empty_id, dz, codes, seed=0):
+    def __init__(self, base_ckpt, path, latent, latent_ids, empty_id, dz, codes, seed=0, router="gaussian",
+                 components=1):
         super().__init__()
         self.latent, self.K, self.dz = latent, len(latent_ids), dz
+        self.router, self.components = router, components if router == "mixture" else 1
         self.latent_ids, self.empty_id = list(latent_ids), empty_id
         self.lm = model_from_checkpoint(base_ckpt, path, **({"latent_dim": dz} if latent == "continuous" else {}))
         self.posterior = model_from_checkpoint(base_ckpt, path)
@@ -459,11 +463,18 @@ class Factorization(nn.Module):
         self.post_head = nn.Linear(d, self.K if latent == "discrete" else 2 * dz)
         nn.init.normal_(self.post_head.weight, std=0.02)
         nn.init.zeros_(self.post_head.bias)
-        self.router_head = nn.Linear(d, 2 * dz) if latent == "continuous" else None
+        M = self.components
+        self.router_head = nn.Linear(d, M * (1 + 2 * dz) if router == "mixture" else 2 * dz) \
+            if latent == "continuous" else None
         if latent == "continuous":
             nn.init.zeros_(self.router_head.weight)  # p_phi starts at N(0, I) for every x
             nn.init.zeros_(self.router_head.bias)
             self.register_buffer("codes", codes, persistent=False)
+            if router == "mixture":  # components at the codes (seeded draws past them): symmetry broken
+                starts = torch.randn(M, dz, generator=torch.Generator().manual_seed(seed))
+                starts[:min(M, len(codes))] = codes[:M]
+                with torch.no_grad():
+                    self.router_head.bias[M:M + M * dz] = starts.flatten()
         else:  # each <zk> starts as the no-op <z_empty> plus noise (seeded) that breaks their symmetry
             with torch.no_grad():
                 emb = self.lm.tok_emb.weight
@@ -475,6 +486,17 @@ class Factorization(nn.Module):
         """Move each <zk> embedding towards <z_empty> by factor (discrete; used at step 0 only)."""
         emb, rows = self.lm.tok_emb.weight, self.latent_ids
         emb[rows] = emb[self.empty_id] + factor * (emb[rows] - emb[self.empty_id])
+
+    def router_params(self, state):
+        """p_phi(z|x) = sum_m pi_m N(mu_m, diag sigma_m^2) from the LM's states at <z> (B, d): log pi (B, M),
+        mu and log sigma^2 (B, M, dz). The Gaussian router is the case M = 1, pi = 1."""
+        out = self.router_head(state).float()
+        if self.router == "gaussian":
+            mu, logvar = out.chunk(2, dim=-1)
+            return torch.zeros(len(out), 1, device=out.device), mu[:, None], logvar[:, None]
+        M, dz = self.components, self.dz
+        logits, mu, logvar = out.split([M, M * dz, M * dz], dim=-1)
+        return F.log_softmax(logits, -1), mu.view(-1, M, dz), logvar.view(-1, M, dz)
 
     def posterior_features(self, idx, y_state_mask, states=None):
         """The posterior backbone's final states (B, T, d) averaged over the y tokens: (B, T) -> (B, d).

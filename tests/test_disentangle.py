@@ -149,6 +149,49 @@ def test_gaussian_terms_against_closed_forms_and_samples():
     assert D.posterior_variance_loss(logvar).tolist() == pytest.approx([1.25, 1.25])
 
 
+def test_mixture_kl_with_one_component_is_the_gaussian_kl_in_expectation():
+    g = torch.Generator().manual_seed(0)
+    mu_q, lv_q = torch.tensor([[0.5, -1.0], [0.0, 2.0]]), torch.tensor([[-0.5, 0.3], [0.2, -1.0]])
+    mu_p, lv_p = torch.tensor([[[0.0, 0.2]], [[1.0, 1.0]]]), torch.tensor([[[0.1, -0.4]], [[0.0, 0.5]]])  # (B, 1, dz)
+    z = mu_q[:, None] + (0.5 * lv_q[:, None]).exp() * torch.randn(2, 100_000, 2, generator=g)  # (B, S, dz)
+    estimate = D.mixture_kl(z, mu_q, lv_q, torch.zeros(2, 1), mu_p, lv_p)
+    closed = D.gaussian_kl(mu_q, lv_q, mu_p[:, 0], lv_p[:, 0]).sum(-1)
+    assert estimate.tolist() == pytest.approx(closed.tolist(), abs=0.02)
+
+
+def test_mixture_kl_against_numerical_integration_and_its_gradients():
+    """dz = 1, two components: KL(q || p) = int q log q/p dz on a fine grid."""
+    mu_q, lv_q = torch.tensor([[0.3]]), torch.tensor([[math.log(0.25)]])
+    log_pi = torch.log(torch.tensor([[0.3, 0.7]]))
+    mu_p, lv_p = torch.tensor([[[-1.0], [1.5]]]), torch.tensor([[[0.0], [math.log(0.5)]]])  # (1, 2, 1)
+    grid = torch.linspace(-8, 8, 160_001, dtype=torch.float64)
+    n = lambda z, m, lv: torch.exp(-0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / math.exp(lv)))
+    q = n(grid, 0.3, math.log(0.25))
+    p = 0.3 * n(grid, -1.0, 0.0) + 0.7 * n(grid, 1.5, math.log(0.5))
+    exact = float(torch.trapezoid(q * (q.log() - p.log()), grid))
+    mu_q.requires_grad_(True)
+    mu_p.requires_grad_(True)
+    eps = torch.randn(1, 200_000, 1, generator=torch.Generator().manual_seed(0))
+    z = mu_q[:, None] + (0.5 * lv_q[:, None]).exp() * eps
+    estimate = D.mixture_kl(z, mu_q, lv_q, log_pi, mu_p, lv_p)
+    assert estimate.item() == pytest.approx(exact, abs=0.01)
+    estimate.sum().backward()
+    assert mu_q.grad.abs().sum() > 0 and mu_p.grad.abs().sum() > 0  # it trains router and posterior alike
+
+
+def test_mixture_router_starts_uniform_with_components_at_the_codes(tiny_base):
+    ckpt = torch.load(tiny_base / "ckpt.pt", weights_only=True)
+    codes = D.cluster_codes(3, 4)
+    fact = Factorization(ckpt, "tiny", "continuous", [], STOI["<z_empty>"], 4, codes, router="mixture", components=3)
+    log_pi, mu, logvar = fact.router_params(torch.randn(5, 32))
+    assert log_pi.shape == (5, 3) and mu.shape == (5, 3, 4) and logvar.shape == (5, 3, 4)
+    assert torch.allclose(log_pi.exp(), torch.full((5, 3), 1 / 3))
+    assert torch.allclose(mu, codes.expand(5, -1, -1)) and torch.allclose(logvar, torch.zeros(5, 3, 4))
+    gaussian, _ = tiny_fact(tiny_base, "continuous")
+    log_pi, mu, logvar = gaussian.router_params(torch.randn(5, 32))
+    assert log_pi.tolist() == [[0.0]] * 5 and mu.shape == (5, 1, 4)
+
+
 def test_free_bits_floor_the_batch_kl_and_stop_its_gradient():
     kl = torch.tensor([0.1, 0.3], requires_grad=True)  # mean 0.2
     assert D.free_bits_kl(kl, 0.0).item() == pytest.approx(0.2)
@@ -420,10 +463,11 @@ def read_log(path):
     return [json.loads(line) for line in open(path)]
 
 
-@pytest.mark.parametrize("latent", ["discrete", "continuous"])
-def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
+@pytest.mark.parametrize("latent, extra", [("discrete", []), ("continuous", []),
+                                           ("continuous", ["--router", "mixture"])])
+def test_tiny_end_to_end_run(tiny_base, tmp_path, latent, extra):
     out = tmp_path / latent
-    assert D.main(tiny_args(tiny_base, out, latent)) == 0
+    assert D.main(tiny_args(tiny_base, out, latent, *extra)) == 0
     log = read_log(out / "log.jsonl")
     assert all(abs(r - 1) < 0.05 for r in log[0]["init/y_loss_ratio"])  # starts where the base model is
     assert [r["step"] for r in log if "loss/total" in r] == [1, 2, 3, 4]
@@ -432,6 +476,8 @@ def test_tiny_end_to_end_run(tiny_base, tmp_path, latent):
     assert config["router_marginal_kl"] == (10.0 if latent == "discrete" else 1.0)  # from the recipe
     metrics = json.load(open(out / "metrics.json"))
     assert ("alignment_one_to_one" if latent == "discrete" else "sampled_z_probe_acc") in metrics
+    if extra:  # the router's draws came from all three components
+        assert len(metrics["router_component_usage"]) == 3 and "usage/router_components" in log[-2]
     # rescoring the finished run on the same inputs gives the same numbers
     assert evaluate.main([str(out), "--inputs", "12", "--device", "cpu"]) == 0
     rescored = json.load(open(out / "metrics_12.json"))
@@ -484,6 +530,9 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     (["--latent", "continuous", "--jsd", "1"], "--jsd has no effect with --latent continuous"),
     (["--latent", "continuous", "--k", "5"], "--k has no effect with --latent continuous"),
     (["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
+    (["--router", "mixture"], "--router has no effect with --latent discrete"),
+    (["--latent", "continuous", "--components", "2"], "--components has no effect with --router gaussian"),
+    (["--latent", "continuous", "--router", "flow"], "--router must be one of gaussian, mixture"),
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--beta", "nan"], "--beta must be a finite number"),
     (["--grad-clip", "0"], "--grad-clip must be positive"),
