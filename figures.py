@@ -62,12 +62,14 @@ def check_run_task(run_dir, task):
         raise ValueError(f"{run_dir} holds a run of task {saved!r}, not {task.name}")
 
 
-def project_2d(points):
-    """Principal-component projection to 2-D (points of dimension <= 2 are padded)."""
-    centred = points - points.mean(0)
+def project_2d(points, basis=None):
+    """Projection to 2-D on the principal components of basis (default: points themselves), so
+    that two sets of points can share axes (points of dimension <= 2 are padded)."""
+    basis = points if basis is None else basis
+    centred = points - basis.mean(0)
     if centred.shape[1] <= 2:
         return np.pad(centred, ((0, 0), (0, 2 - centred.shape[1])))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    _, _, vt = np.linalg.svd(basis - basis.mean(0), full_matrices=False)
     return centred @ vt[:2].T
 
 
@@ -166,13 +168,18 @@ def key_figure_2(task, run_dir, latent, out):
         return
     scatter_over_training(task, steps, snaps["mu"], snaps["strategy"], run, out,
                           f"KF2 {task.name}: posterior mean of z by true strategy", f"kf2_{latent}_z")
+    if "z_sampled" in snaps:  # beside them, on the same axes: where the router's draws land
+        scatter_over_training(task, steps, snaps["z_sampled"], snaps["z_strategy"], run, out,
+                              f"KF2 {task.name}: router draws z ~ p(z|x) by decoded strategy",
+                              f"kf2_{latent}_router_draws", basis=snaps["mu"])
 
 
-def scatter_over_training(task, steps, points, labels, run, out, title, stem, simplex=False):
-    """One facet per snapshot (PNG) and one frame per snapshot (GIF), coloured by strategy."""
-    proj = [simplex_2d(p) if simplex else project_2d(p) for p in points]
+def scatter_over_training(task, steps, points, labels, run, out, title, stem, simplex=False, basis=None):
+    """One facet per snapshot (PNG) and one frame per snapshot (GIF), coloured by strategy;
+    projected on the principal components of basis (one array per snapshot) when given."""
+    proj = [simplex_2d(p) if simplex else project_2d(p, b) for p, b in zip(points, basis or points)]
     colors = plt.cm.tab10(np.arange(len(task.strategies)))
-    lim = max(np.abs(xy).max() for xy in proj) * 1.1 + 1e-6  # one scale for every facet and frame
+    lim = max((np.abs(xy).max() for xy in proj if xy.size), default=1.0) * 1.1 + 1e-6  # one scale for all
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 3.0), squeeze=False)
     for ax, step, xy, lab in zip(axes[0], steps, proj, labels):
         for c, name in enumerate(task.strategies):

@@ -30,6 +30,8 @@ def make_runs(root, latents):
                 snaps[f"posterior_contingency@{step}"] = rng.integers(0, 20, (3, 3)).astype(float)
             else:
                 snaps[f"mu@{step}"] = rng.normal(size=(60, 4)) + labels[:, None] * step / 5
+                snaps[f"z_sampled@{step}"] = rng.normal(size=(50, 4)) + labels[:50, None] * step / 5
+                snaps[f"z_strategy@{step}"] = labels[:50]
         np.savez(folder / "posterior.npz", **snaps)
 
 
@@ -42,7 +44,8 @@ def test_renders_every_figure(tmp_path, latents):
     for latent in latents:
         expected += [f"kf3_{latent}_centroids.png", f"kf3_{latent}_posterior.png", f"kf3_{latent}_posterior.gif"]
         expected += [f"kf2_{latent}_contingency.png", f"kf2_{latent}_contingency.gif"] if latent == "discrete" else \
-            [f"kf2_{latent}_z.png", f"kf2_{latent}_z.gif"]
+            [f"kf2_{latent}_z.png", f"kf2_{latent}_z.gif", f"kf2_{latent}_router_draws.png",
+             f"kf2_{latent}_router_draws.gif"]
     for name in expected:
         data = (out / name).read_bytes()
         assert data[:4] == (b"\x89PNG" if name.endswith(".png") else b"GIF8"), name
