@@ -302,7 +302,7 @@ def test_objective_is_the_sum_of_its_terms(tiny_base):
     obj = D.objective(fact, D.model_from_checkpoint(ckpt).eval(), D.make_batch(task, pairs, 3, "cpu"), cfg)
     assert set(obj.terms) == {"loss/recon", "loss/kl", "aux/jsd", "aux/router_marginal_kl", "aux/router_support",
                               "aux/posterior_entropy"}
-    assert float(obj.loss) == pytest.approx(float(sum(obj.terms.values())), rel=1e-6)
+    assert obj.loss.item() == pytest.approx(float(sum(obj.terms.values())), rel=1e-6)
     assert float(obj.terms["loss/kl"]) == pytest.approx(2.0 * float(obj.diagnostics["loss/kl_raw"]), rel=1e-6)
     record = D.log_record(obj)
     assert sum(v for k, v in record.items() if k.startswith("share/")) == pytest.approx(1.0)
