@@ -6,7 +6,7 @@ resumed, so running it again costs only what is missing and rewrites the same fi
     python benchmark/run.py                                    # the default sweep, 2 jobs on a 2-core CPU
     python benchmark/run.py --tasks grid --latents discrete --seeds 0 1 2
     python benchmark/run.py --device cuda --jobs 8             # a GPU: every run at once
-    python benchmark/run.py --report-only                      # only rewrite docs/results.md
+    python benchmark/run.py --report-only                      # only records and docs/results.md
 
 Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<S>; logs in
 runs/benchmark/logs/. Each job gets cores / jobs threads. When a run finishes, its config.json and
@@ -75,13 +75,17 @@ def save_record(folder, record):
                         "metrics": read(os.path.join(folder, "metrics.json"))})
 
 
-def pending_jobs(args):
-    """The runs without a record, and the bases they need whose checkpoint is gone (records first
-    brought up to date from the run folders)."""
-    jobs = jobs_for(args)
-    for _, folder, record, _, _ in jobs:
+def sync_records(args):
+    """Bring the records up to date with the finished run folders."""
+    for _, folder, record, _, _ in jobs_for(args):
         if finished(folder):
             save_record(folder, record)
+
+
+def pending_jobs(args):
+    """The runs without a record, and the bases they need whose checkpoint is gone."""
+    sync_records(args)
+    jobs = jobs_for(args)
     missing = [j for j in jobs if not os.path.exists(j[2])]
     needed = {j[4] for j in missing if j[4] is not None}
     return [j for j in jobs if j in missing or (j[1] in needed and not os.path.exists(os.path.join(j[1], "ckpt.pt")))]
@@ -263,11 +267,12 @@ def main(argv=None):
     parser.add_argument("--records", default=os.path.join("benchmark", "records"),
                         help="where each finished run's config and metrics are kept")
     parser.add_argument("--report", default=os.path.join("docs", "results.md"), help="the file to write")
-    parser.add_argument("--report-only", action="store_true", help="do not run anything, only write the report")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: only update the records and write the report")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # run folders and commands relative to the repository
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    sync_records(args)
     code = 0 if args.report_only else run_jobs(args)
     write_report(args)
     return code
