@@ -56,10 +56,11 @@ def jobs_for(args):
                      ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None))
         for latent in args.latents:
             for seed in args.seeds:
-                out = os.path.join(args.runs, name, run_name(latent, seed))
+                run = run_name(latent, seed)
+                out = os.path.join(args.runs, name, run)
                 command = ["disentangle.py", "--task", task, "--latent", latent, "--seed", str(seed),
                            "--base", base, "--out", out]
-                jobs.append((f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run_name(latent, seed)}.json"),
+                jobs.append((f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run}.json"),
                              command, base))
     return jobs
 
@@ -267,13 +268,17 @@ def main(argv=None):
     parser.add_argument("--records", default=os.path.join("benchmark", "records"),
                         help="where each finished run's config and metrics are kept")
     parser.add_argument("--report", default=os.path.join("docs", "results.md"), help="the file to write")
-    parser.add_argument("--report-only", action="store_true", help="run nothing: only update the records and write the report")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: only update the records and write the report")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # run folders and commands relative to the repository
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    sync_records(args)
-    code = 0 if args.report_only else run_jobs(args)
+    if args.report_only:
+        sync_records(args)
+        code = 0
+    else:
+        code = run_jobs(args)  # which brings the records up to date first
     write_report(args)
     return code
 
