@@ -14,6 +14,8 @@ Likelihood metrics (teacher forcing, no sampling noise):
     excess_nll                       mean over DGP samples of -log p_theta(y|x) + log p*(y|x)
     strategy_tv_per_input            mean_x TV( p_theta(trace_s(x) | x) , p*(s|x) ), with the
                                      model's mass on non-traces counted as a "none" bin
+    branch_calibration               at each token where x's traces part, the model's probability
+                                     of each branch against p*  (python evaluate.py RUN --branches)
 Linear probes (Key Figure 1): a logistic probe per (layer, y-position) from the residual stream
 to the strategy that wrote y, trained and scored on disjoint inputs; the shuffled-label probe
 and the majority-class rate are the baselines.
@@ -176,6 +178,38 @@ def strategy_tv_per_input(model, task, xs):
         tvs[i] += 0.5 * abs(p - sum(probs[s] for s in strategies))
         mass[i] += p
     return sum(tv + 0.5 * max(0.0, 1.0 - m) for tv, m in zip(tvs, mass)) / len(xs)
+
+
+@torch.no_grad()
+def branch_calibration(model, task, xs):
+    """Where the model's strategy mass goes wrong, exactly: the traces of x form a prefix tree, and
+    at each branch (a position where the strategies still alive write different tokens) the model's
+    probability of each child is compared with the true p*(child | alive) = sum_{s in child} p*(s|x)
+    / sum_{s in alive} p*(s|x). Returns {(alive, child): [count, sum of model p, sum of true p]},
+    alive and child tuples of strategies."""
+    model.eval()
+    device, table = model.tok_emb.weight.device, {}
+    for x in xs:
+        traces = {s: task.trace(x, s) + ["</y>", "<eos>"] for s in task.strategies}
+        x_tokens, p_star = task.input_tokens(x), task.strategy_probs(x)
+        start = len(prompt_tokens(x_tokens))
+        idx, _ = pad_batch([encode(record_tokens(x_tokens, t[:-2])) for t in traces.values()], PAD,
+                           [start] * len(traces), device)
+        probs = torch.softmax(model(idx).float(), dim=-1).cpu()  # (S, T, V)
+        branches = {}  # (alive, position) -> the row of a trace through that node
+        for row, trace in enumerate(traces.values()):
+            for j in range(len(trace)):
+                alive = tuple(s for s in task.strategies if traces[s][:j] == trace[:j])
+                if len({traces[s][j] for s in alive}) > 1:
+                    branches.setdefault((alive, j), row)
+        for (alive, j), row in branches.items():
+            for token in dict.fromkeys(traces[s][j] for s in alive):
+                child = tuple(s for s in alive if traces[s][j] == token)
+                entry = table.setdefault((alive, child), [0, 0.0, 0.0])
+                entry[0] += 1
+                entry[1] += probs[row, start - 1 + j, STOI[token]].item()
+                entry[2] += sum(p_star[s] for s in child) / sum(p_star[s] for s in alive)
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,15 +651,26 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="base runs: seed for inputs and sampling "
                                                             "(a stage-2 run uses its own)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--branches", action="store_true",
+                        help="base runs: print branch_calibration on --inputs held-out inputs instead of scoring")
     args = parser.parse_args(argv)
     if not 1 <= args.inputs <= 100_000:
         raise ValueError(f"--inputs must be between 1 and 100000, got {args.inputs}")
     path = os.path.join(args.run, "ckpt.pt")
     ckpt = load_checkpoint(path, vocab=VOCAB)
     if "latent" in (ckpt.get("train_config") or {}):
+        if args.branches:
+            raise ValueError("--branches reads a base run; this is a stage-2 run")
         return score_stage2_run(args.run, ckpt, args.inputs, args.device)
     task = get_task(ckpt["task"], **ckpt.get("task_options", {}))
     model = model_from_checkpoint(ckpt, path).to(pick_device(args.device))
+    if args.branches:
+        table = branch_calibration(model, task, heldout_inputs(task, args.inputs, args.seed))
+        print(f"{'count':>6s} {'model p':>8s} {'true p':>7s}  the branch to ... of the strategies alive")
+        for (alive, child), (count, model_p, true_p) in sorted(table.items(), key=lambda kv: -kv[1][0]):
+            alive_text = "all" if len(alive) == len(task.strategies) else "+".join(alive)
+            print(f"{count:6d} {model_p / count:8.3f} {true_p / count:7.3f}  {'+'.join(child)} ... of {alive_text}")
+        return 0
     metrics = base_metrics(model, task, args.inputs, args.seed)
     probes = probe_grid(model, task, seed=args.seed)
     save_probe_snapshot(os.path.join(args.run, "probes.npz"), ckpt.get("step", 0), probes)  # refresh the last

@@ -39,12 +39,11 @@ linear_equation_solving (linear) x: 7 x + 1 2 = 3 x + 2 8
   subtract-then-divide  ... 4 x = 2 8 - 1 2 = 1 6 ; x = 1 6 / 4 = 4 ; ans 4
   divide-then-subtract  ... x + 1 2 / 4 = 2 8 / 4 ; x + 3 = 7 ; x = 7 - 3 = 4 ; ans 4
   inverse-ops           ... 2 8 - 1 2 = 1 6 ; 1 6 / 4 = 4 ; ans 4
-base_conversion (base)           x: 1 2 3 base 5 to 4      (123 in base 5, into base 4)
-  (shared first step: Horner's rule gives the value)  1 ; 7 ; 3 8 ;
-  repeated-division ... 9 r 2 ; 2 r 1 ; 0 r 2 ; ans 2 1 2         (quotient r remainder)
-  via-binary        ... 1 9 r 0 ; 9 r 1 ; 4 r 1 ; 2 r 0 ; 1 r 0 ; 0 r 1 ; 1 0 0 1 1 0 |
-                        1 0 = 2 ; 0 1 = 1 ; 1 0 = 2 ; ans 2 1 2
-  decomposition     ... 2 * 1 6 r 6 ; 1 * 4 r 2 ; 2 * 1 r 0 ; ans 2 1 2
+base_conversion (base)           x: 3 8 to 4               (decimal 38 into base 4)
+  repeated-division 9 r 2 ; 2 r 1 ; 0 r 2 ; ans 2 1 2              (quotient r remainder)
+  via-binary        1 9 r 0 ; 9 r 1 ; 4 r 1 ; 2 r 0 ; 1 r 0 ; 0 r 1 ; 1 0 0 1 1 0 |
+                    1 0 = 2 ; 0 1 = 1 ; 1 0 = 2 ; ans 2 1 2
+  decomposition     2 * 1 6 r 6 ; 1 * 4 r 2 ; 2 * 1 r 0 ; ans 2 1 2
 multidigit_addition (add)        x: 4 5 7 + 9 8 6
   right-to-left-carry    7 + 6 + 0 = 1 3 ; 5 + 8 + 1 = 1 4 ; 4 + 9 + 1 = 1 4 ; ans 1 4 4 3
   left-to-right-partials 4 + 9 = 1 3 ; 1 3 0 + 5 + 8 = 1 4 3 ; 1 4 3 0 + 7 + 6 = 1 4 4 3 ; ans 1 4 4 3
@@ -484,21 +483,20 @@ class LinearEquationSolving(Task):
 
 
 class BaseConversion(Task):
-    """Convert a number written in a source base into a target base (4 or 8).
-    feature(x) = source base mod 3."""
+    """Write a decimal number in a target base (4 or 8). Every strategy starts from the decimal
+    value itself, so no step is shared before the strategies part. feature(x) = value mod 3."""
     name, alias = "base_conversion", "base"
     strategies = ("repeated-division", "via-binary", "decomposition")
 
-    def __init__(self, mixture="uniform", max_value=255, source_bases=(3, 5, 6, 7, 9),
-                 target_bases=(4, 8)):
+    def __init__(self, mixture="uniform", max_value=255, target_bases=(4, 8)):
         super().__init__(mixture)
-        if any(b & (b - 1) or b < 4 for b in target_bases) or any(not 2 <= b <= 10 for b in source_bases):
-            raise ValueError("target bases must be powers of two >= 4 (for via-binary), sources in 2..10")
+        if any(b & (b - 1) or b < 4 for b in target_bases):
+            raise ValueError("target bases must be powers of two >= 4 (for via-binary)")
         self.max_value = max_value  # the value is drawn from 8..max_value
-        self.source_bases, self.target_bases = tuple(source_bases), tuple(target_bases)
+        self.target_bases = tuple(target_bases)
 
     def sample_input(self, rng):
-        return (rng.randint(8, self.max_value), rng.choice(self.source_bases), rng.choice(self.target_bases))
+        return (rng.randint(8, self.max_value), rng.choice(self.target_bases))
 
     @staticmethod
     def digits(n, base):
@@ -511,15 +509,12 @@ class BaseConversion(Task):
                 return out[::-1]
 
     def input_tokens(self, x):
-        n, source, target = x
-        return [str(d) for d in self.digits(n, source)] + ["base", str(source), "to", str(target)]
+        n, target = x
+        return [*num(n), "to", str(target)]
 
     def trace(self, x, strategy):
-        n, source, target = x
-        y, value = [], 0
-        for d in self.digits(n, source):  # shared: Horner's rule gives the value
-            value = value * source + d
-            y += [*num(value), ";"]
+        n, target = x
+        y = []
         if strategy == "repeated-division":  # quotient r remainder, until the quotient is 0
             q = n
             while q:
@@ -546,7 +541,7 @@ class BaseConversion(Task):
         return y + ["ans"] + [str(d) for d in self.digits(n, target)]
 
     def answer(self, x):
-        n, _, target = x
+        n, target = x
         return "".join(str(d) for d in self.digits(n, target))
 
     def read_answer(self, tokens):
@@ -555,7 +550,7 @@ class BaseConversion(Task):
         return "".join(tokens)
 
     def feature(self, x):
-        return x[1] % 3
+        return x[0] % 3
 
 
 class MultidigitAddition(Task):

@@ -69,7 +69,8 @@ class Config:
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     eval_interval: int = arg(500, "steps between evaluations, checkpoints and probe snapshots")
-    eval_inputs: int = arg(500, "held-out inputs sampled per evaluation")
+    eval_inputs: int = arg(500, "held-out inputs sampled per evaluation during training")
+    final_inputs: int = arg(1000, "held-out inputs of the final evaluation (500 leave strategy_tv about 0.03 of noise)")
     probe_inputs: int = arg(1200, "held-out DGP samples for each probe snapshot (2/3 train the probes)")
     log_interval: int = arg(50, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
@@ -78,9 +79,9 @@ class Config:
 
     def validate(self):
         check_numbers(self, positive=("batch_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_inputs",
-                                      "probe_inputs", "log_interval", "lr", "grad_clip"),
+                                      "final_inputs", "probe_inputs", "log_interval", "lr", "grad_clip"),
                       at_most={"batch_size": 4096, "n_layer": 64, "n_head": 64, "n_embd": 4096,
-                               "eval_inputs": 100_000, "probe_inputs": 100_000})
+                               "eval_inputs": 100_000, "final_inputs": 100_000, "probe_inputs": 100_000})
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
 
@@ -152,15 +153,18 @@ def main(argv=None):
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     ckpt = open_run(out, cfg.resume, model, optimizer, asdict(cfg), VOCAB, task.name,
                     {**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg), "machine": machine_info(device)})
-    start_step, seconds = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0)  # a resumed run keeps its time
+    # a resumed run keeps its time and its count of training tokens (padding excluded)
+    start_step, seconds, train_tokens = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0), ckpt.get("train_tokens", 0)
 
     def checkpoint(step, metrics):
         save_checkpoint(ckpt_path, model, VOCAB, task.name, task_options=task_options, optimizer=optimizer.state_dict(),
                         train_config=asdict(cfg), step=step, metrics=metrics,
-                        train_seconds=seconds + time.perf_counter() - t0)
+                        train_seconds=seconds + time.perf_counter() - t0, train_tokens=train_tokens)
 
     def evaluate_and_snapshot(step):
-        metrics = base_metrics(model, task, cfg.eval_inputs, cfg.seed)
+        n_inputs = cfg.final_inputs if step == total_steps else cfg.eval_inputs
+        metrics = {"eval_inputs": n_inputs, "train_tokens": train_tokens,
+                   **base_metrics(model, task, n_inputs, cfg.seed)}
         probes = probe_grid(model, task, n=cfg.probe_inputs, seed=cfg.seed)
         metrics["probe_first_position_95"] = first_decodable_position(probes["acc"])
         save_probe_snapshot(os.path.join(out, "probes.npz"), step, probes)
@@ -186,6 +190,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         tokens += idx.numel()
+        train_tokens += round(real * idx.numel())
         done = step + 1
         if done % cfg.log_interval == 0 or done == total_steps:
             rate = tokens / (time.perf_counter() - t0)

@@ -59,3 +59,20 @@ def test_a_base_whose_folder_is_gone_is_trained_again_only_for_a_missing_stage2_
     assert [j[0] for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed1"]
     args.seeds = [0]
     assert benchmark.pending_jobs(args) == []
+
+
+def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_path, capsys):
+    import tokens_to_target
+    evals = [(0, 0, 0.0, 0.0, 9.0, 1.0), (500, 1_000_000, 0.95, 0.999, 0.04, 0.08),
+             (1000, 2_000_000, 0.992, 0.999, 0.03, 0.06), (1500, 3_000_000, 0.991, 0.998, 0.02, 0.04)]
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for step, tokens, acc, parse, nll, tv in evals:
+            f.write(json.dumps({"step": step, "train_tokens": tokens, "answer_accuracy": acc, "parse_rate": parse,
+                                "excess_nll": nll, "strategy_tv": tv}) + "\n")
+            f.write(json.dumps({"step": step + 50, "loss/y": 0.1}) + "\n")  # training lines are skipped
+    assert tokens_to_target.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "first meets answer_accuracy: step 1000, 2.00M tokens" in out
+    assert "first meets parse_rate: step 500, 1.00M tokens" in out
+    assert "first meets strategy_tv: step 1500, 3.00M tokens" in out
+    assert "first meets all four: step 1500, 3.00M tokens" in out

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from evaluate import (alignment_one_to_one, best_matching, dgp_samples, excess_nll, generation_metrics,
-                      heldout_inputs, local_coverage, strategy_tv_per_input, train_probes, tv_distance)
+from evaluate import (alignment_one_to_one, best_matching, branch_calibration, dgp_samples, excess_nll,
+                      generation_metrics, heldout_inputs, local_coverage, strategy_tv_per_input, train_probes,
+                      tv_distance)
 from model import GPT, GPTConfig
 from tasks import VOCAB, get_task
 
@@ -35,6 +36,22 @@ def test_strategy_tv_hand_built():
     m = generation_metrics(task, xs, ys)
     assert math.isclose(m["strategy_tv"], 5 / 12)
     assert m["parse_rate"] == 1.0 and m["answer_accuracy"] == 0.75 and m["unattributed_rate"] == 0.25
+
+
+def test_branch_calibration_hand_built():
+    """
+    Grid from S 0 0 to G 2 2, p* uniform: right-first and alternating both start with R, down-first
+    with D, so the root branches 2/3 : 1/3; right-first and alternating part after `R 0 1 ;` (R
+    against D), 1/2 : 1/2. A uniform model gives every token 1/V.
+    """
+    task, V = get_task("grid"), len(VOCAB)
+    table = branch_calibration(uniform_model(), task, [(0, 0, 2, 2)] * 2)
+    root = ("right-first", "down-first", "alternating")
+    pair = ("right-first", "alternating")
+    assert set(table) == {(root, pair), (root, ("down-first",)), (pair, ("right-first",)), (pair, ("alternating",))}
+    for (alive, child), (count, model_p, true_p) in table.items():
+        assert count == 2 and math.isclose(model_p, 2 / V, rel_tol=1e-5)
+        assert math.isclose(true_p / count, {pair: 2 / 3, ("down-first",): 1 / 3}.get(child, 1 / 2))
 
 
 def test_excess_nll_hand_built():

@@ -12,7 +12,8 @@ from model import load_checkpoint, model_from_checkpoint, pad_batch
 from tasks import PAD, VOCAB, encode, get_task, record_tokens
 
 TINY = ["--task", "grid", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
-        "--eval-inputs", "16", "--probe-inputs", "60", "--log-interval", "5", "--device", "cpu"]
+        "--eval-inputs", "16", "--final-inputs", "16", "--probe-inputs", "60", "--log-interval", "5",
+        "--device", "cpu"]
 
 
 def run_tiny(out, steps, *extra, eval_interval=0):
