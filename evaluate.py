@@ -467,6 +467,14 @@ def latent_log_likelihoods(fact, task, pairs, z=None):
     return torch.stack([record_log_probs(fact.lm, task, xs, ys, latent=zc.expand(len(xs), -1)) for zc in z], 1)
 
 
+def hard_em_objective(latent_logp, router_logp):
+    """mean over pairs of max_k [log p_psi(y|x,k) + log p_phi(k|x)], from (N, K) each: the objective of
+    a hard assignment, computed without strategy labels. With deterministic traces and a uniform
+    router it is -log K for a disentangled factorization (each trace written by one latent) and
+    -2 log K for an entangled one (every latent writes the mixture)."""
+    return (latent_logp + router_logp).max(1).values.mean().item()
+
+
 def latent_loss_ratios(fact, base, task, pairs):
     """y-loss of the generator under each latent (continuous: z ~ N(0, I) per pair) / the base model's."""
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
@@ -511,6 +519,9 @@ def discrete_scores(fact, task, xs, pairs, labels, seed):
     Cq.index_put_((q.argmax(-1), labels), torch.ones(len(labels)), accumulate=True)
     metrics["posterior_accuracy"] = alignment_one_to_one(Cq)
     metrics["router_usage"] = router_p.mean(0).tolist()
+    if pairs:
+        metrics["hard_em_objective"] = hard_em_objective(latent_log_likelihoods(fact, task, pairs),
+                                                         router_distribution(fact, task, [x for x, _ in pairs]).log())
     return metrics, {"q": q.numpy(), "contingency": C.numpy(), "posterior_contingency": Cq.numpy()}
 
 

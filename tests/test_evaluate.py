@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from evaluate import (alignment_one_to_one, best_matching, branch_calibration, dgp_samples, excess_nll,
-                      generation_metrics, heldout_inputs, local_coverage, strategy_tv_per_input, train_probes,
-                      tv_distance)
+                      generation_metrics, hard_em_objective, heldout_inputs, local_coverage, strategy_tv_per_input,
+                      train_probes, tv_distance)
 from model import GPT, GPTConfig
 from tasks import VOCAB, get_task
 
@@ -52,6 +52,17 @@ def test_branch_calibration_hand_built():
     for (alive, child), (count, model_p, true_p) in table.items():
         assert count == 2 and math.isclose(model_p, 2 / V, rel_tol=1e-5)
         assert math.isclose(true_p / count, {pair: 2 / 3, ("down-first",): 1 / 3}.get(child, 1 / 2))
+
+
+def test_hard_em_objective_prefers_the_disentangled_factorization():
+    """Three deterministic strategies, a uniform router: each trace written by its own latent
+    (probability 1) scores -log 3; every latent writing the uniform mixture scores -2 log 3."""
+    K, router = 3, torch.full((6, 3), -math.log(3))
+    own = torch.full((6, K), -30.0)
+    own[torch.arange(6), torch.arange(6) % K] = 0.0
+    mixture = torch.full((6, K), -math.log(3))
+    assert math.isclose(hard_em_objective(own, router), -math.log(3), rel_tol=1e-6)
+    assert math.isclose(hard_em_objective(mixture, router), -2 * math.log(3), rel_tol=1e-6)
 
 
 def test_excess_nll_hand_built():
