@@ -151,7 +151,7 @@ TASK_RECIPES = {
     ("multidigit_addition", "discrete"): {"cluster_init": 16, "steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0},
     ("sorting_algorithms", "discrete"): {"cluster_init": 24, "reassign": 300, "steps": 2400},
-    ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400},
+    ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
 }
 RECIPES = {(task, latent): {**LATENT_RECIPES[latent], **TASK_RECIPES.get((task, latent), {})}
            for task in TASKS for latent in LATENT_RECIPES}

@@ -3,7 +3,7 @@ Tokens-to-target of stage-1 runs: the four targets at every evaluation against t
 tokens seen (padding excluded), and the first evaluation at which each target, and all four,
 is met. A change to stage 1 is judged by how many tokens it needs, not by one end point.
 
-    python benchmark/tokens_to_target.py runs/grid_pathfinding/base runs/exp/grid_rotary
+    python benchmark/tokens_to_target.py runs/grid_pathfinding/base runs/benchmark/grid_pathfinding/base
 """
 
 import json
@@ -21,21 +21,21 @@ def meets(record, key):
     return run.meets(record, key, TARGETS[key])
 
 
-def evaluations(run):
+def evaluations(folder):
     """The evaluation records of a run's log.jsonl (those with answer_accuracy), in step order."""
-    path = os.path.join(run, "log.jsonl")
+    path = os.path.join(folder, "log.jsonl")
     if not os.path.exists(path):
-        raise ValueError(f"{run} has no log.jsonl: give a stage-1 run folder")
+        raise ValueError(f"{folder} has no log.jsonl: give a stage-1 run folder")
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [r for r in records if "answer_accuracy" in r]
 
 
-def report(run):
-    rows = evaluations(run)
+def report(folder):
+    rows = evaluations(folder)
     if not rows:
-        raise ValueError(f"{run}/log.jsonl has no evaluation yet")
-    print(f"{run}")
+        raise ValueError(f"{folder}/log.jsonl has no evaluation yet")
+    print(folder)
     print(f"  {'step':>6} {'tokens':>10} " + " ".join(f"{k:>15}" for k in TARGETS))
     for r in rows:
         tokens = r.get("train_tokens")
