@@ -147,7 +147,7 @@ LATENT_RECIPES = {"discrete": {"jsd": 1.0, "router_marginal_kl": 10.0, "router_s
                   "continuous": {"router_marginal_kl": 1.0}}
 TASK_RECIPES = {
     ("grid_pathfinding", "discrete"): {"cluster_init": 16, "reassign": 300},
-    ("linear_equation_solving", "continuous"): {"cluster_init": 16},
+    ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
     ("multidigit_addition", "discrete"): {"cluster_init": 16, "steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0},
     ("sorting_algorithms", "discrete"): {"cluster_init": 24, "reassign": 300, "steps": 2400},
