@@ -4,50 +4,40 @@ Stage 2: factorize the entangled base model into a router and a strategy-conditi
     discrete:    p(y|x) = sum_z  p_psi(y|x,z) p_phi(z|x),      z in {<z1> .. <zK>}
     continuous:  p(y|x) = int dz p_psi(y|x,z) p_phi(z|x),      z in R^dz
 
-One causal LM, initialised from the base model, is both router and generator:
+One causal LM, initialised from the base model, is router and generator. The router reads
+<bos> <x> .. </x> <z> and predicts <zk> (continuous: N(mu_phi(x), sigma_phi(x)^2) from a head on
+that state, or with --router mixture sum_m pi_m(x) N(mu_m(x), sigma_m(x)^2)); the generator
+continues <zk> </z> <y> .. </y> <eos> (continuous: <z_empty>, plus E(z) added to its embedding).
+A second copy of the base backbone, pooled over the y tokens, gives the posterior q_xi(z|x,y).
+Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data model: y ~ p_base):
 
-    router     <bos> <x> .. </x> <z>                   next token, restricted to <z1>..<zK>
-               (continuous: N(mu_phi(x), sigma_phi(x)^2) from a head on the hidden state at <z>,
-               or with --router mixture M such Gaussians and their weights pi(x))
-    generator  <bos> <x> .. </x> <z> <zk> </z> <y> .. </y> <eos>
-               (continuous: <z_empty> in the slot, plus E(z) added to its embedding)
-
-A second copy of the base backbone reads the (x, y) record; a head on the mean of its y-token
-states gives the posterior q_xi(z|x,y): K logits, or (mu, log sigma^2). Training minimises the
-conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data model: y ~ p_base), in `objective`:
-
-    J = R + beta K + aux
-    R  -E_q[log p_psi(y|x,z)], per-token weights w_t from token_weights (--token-weighted:
-       (1 + H_t / mean H) / 2, H_t the base model's entropy), --normalized-recon: normalized_recon
+    J = R + beta K + aux                                                             objective
+    R  -E_q[log p_psi(y|x,z)], tokens weighted by token_weights, optionally normalized_recon
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
-    K  KL(q_xi(z|x,y) || p_phi(z|x))        categorical_kl, gaussian_kl; --free-bits: free_bits_kl
-       --router mixture, p_phi = sum_m pi_m N(mu_m, sigma_m^2), estimated on the recon's z_s:
-       (1/S) sum_s [log q(z_s|x,y) - log p_phi(z_s|x)]                      mixture_kl
+    K  KL(q_xi(z|x,y) || p_phi(z|x))   categorical_kl, gaussian_kl, mixture_kl (sampled); free_bits_kl
     aux, each behind its flag, times that flag's weight:
       --posterior-entropy   + H(q(z|x,y))                                  posterior_entropy_loss
       --router-support      - log sum_k p_full(<zk>|x)                     router_support_loss
       --router-marginal-kl  + KL(mean_x p_phi(z|x) || Unif(K))             router_marginal_kl_loss
-                            + KL(N(mean mu, mean sigma^2 + var mu) || N(0, I))  gaussian_marginal_kl_loss
-                            (--router mixture: KL(mean_x pi(x) || Unif(M)) instead, router_marginal_kl_loss)
+                            Gaussian: the batch's router moments vs N(0, I)  gaussian_marginal_kl_loss
+                            mixture: mean_x pi(x) vs Unif(M)                 router_marginal_kl_loss
       --jsd                 - sum_t JSD_t(p_psi(y_t|x,y_<t,z=1..K))        jsd_loss, prefix_posterior
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
 Two moves between gradient steps make discovery reliable where the ELBO alone stalls
 (docs/experiments.md): --cluster-init M starts the posterior from k-means on M whitened principal
-components of its backbone's features (cluster_posterior); --reassign N, the classification step
-of hard EM, sends pairs to the latent whose generator rates them highest (reassign_clusters).
+components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
+sends pairs to the latent whose generator rates them highest (reassign_clusters).
 
-The defaults are the recipe: the Config defaults, then RECIPES[(task, latent)]; a flag given
-overrides both, and config.json records the resolved values.
+The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
     python disentangle.py --task grid --latent discrete   # 10-15 minutes on a 2-core CPU
     python disentangle.py --latent continuous             # grid, 15 minutes
-    python disentangle.py --task sort --device cuda       # GPU
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
-Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json, log.jsonl,
-metrics.json (the final evaluation, on --final-inputs held-out inputs), posterior.npz.
+Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json (the resolved
+values), log.jsonl, metrics.json (the final evaluation on --final-inputs inputs), posterior.npz.
 """
 
 import math
@@ -55,14 +45,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (factorization_metrics, fit_probes, generate_ys, latent_log_likelihoods, latent_loss_ratios,
-                      posterior_distribution, save_posterior_snapshot)
+from evaluate import (factorization_metrics, fit_probes, generate_ys, hard_em_objective, latent_log_likelihoods,
+                      latent_loss_ratios, posterior_distribution, router_distribution, save_posterior_snapshot)
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
                    load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
                    pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
@@ -107,6 +97,8 @@ class Config:
     cluster_init: int = arg(0, "k-means start of the posterior on this many whitened components; freezes its backbone")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half, a hard-EM reassignment (0: off)")
+    starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..) and keep the best (select_start)")
+    start_steps: int = arg(300, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation during training")
     final_inputs: int = arg(500, "held-out inputs of the final evaluation (metrics.json)")
@@ -121,20 +113,23 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         check_numbers(self, positive=("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs",
-                                      "final_inputs", "log_interval", "lr", "grad_clip"),
+                                      "final_inputs", "log_interval", "lr", "grad_clip", "starts", "start_steps"),
                       at_most={"batch_size": 4096, "samples": 256, "dz": 1024, "eval_inputs": 100_000,
-                               "final_inputs": 100_000, "cluster_init": 4096, "components": 64})
+                               "final_inputs": 100_000, "cluster_init": 4096, "components": 64, "starts": 64})
         if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
             raise ValueError(f"--k must be between 2 and {MAX_LATENTS}, got {self.k}")
         other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
-                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix")}[self.latent]
+                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
         ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
+        ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
         ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
         ignored.update({"components": "--router gaussian"} if self.router == "gaussian" else {})
         for name, reason in ignored.items():
             if name in given:
                 raise ValueError(f"--{name.replace('_', '-')} has no effect with {reason}")
+        if self.starts > 1 and self.start_steps >= self.steps:
+            raise ValueError(f"--start-steps must be below --steps {self.steps}, got {self.start_steps}")
         if self.reassign and not self.cluster_init:
             raise ValueError(f"--reassign {self.reassign} (from the recipe) needs --cluster-init; add --reassign 0")
         if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
@@ -677,6 +672,72 @@ def train_step(fact, base, task, optimizer, cfg, step, device, hold_posterior):
     return obj
 
 
+def train_steps(fact, base, task, optimizer, cfg, device, first, last, log, after_step=lambda done: None):
+    """Gradient steps first .. last-1 and the reassignments among them; log(record) takes each log line."""
+    for step in tqdm(range(first, last), initial=first, total=last, desc=f"{cfg.latent} {task.alias}", disable=None):
+        obj = train_step(fact, base, task, optimizer, cfg, step, device, cfg.cluster_init and step < cfg.cluster_hold)
+        done = step + 1
+        if cfg.reassign and done % cfg.reassign == 0 and done <= cfg.steps // 2:
+            moved = reassign_clusters(fact, base, task, cfg, done)
+            tqdm.write(f"step {done}: {moved:.1%} of pairs moved to the cluster the generator rates highest")
+            log({"step": done, "reassign/moved": moved})
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            log({"step": done, "lr": optimizer.param_groups[0]["lr"], **log_record(obj)})
+        after_step(done)
+
+
+# ----------------------------------------------------------------------------------------------
+# Label-free model selection (--starts): a short first phase from several seeds, the best kept
+
+
+@dataclass
+class Start:
+    fact: Factorization  # after cfg.start_steps steps
+    optimizer: torch.optim.Optimizer
+    records: list  # its log lines
+    torch_rng: torch.Tensor  # the RNG state to continue from
+    hard_em_objective: float  # on the "select" pairs, which every start shares
+
+
+def start_seed(seed, start):
+    return seed + 1000 * start  # start 0 is the run's own seed
+
+
+def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
+    """The first cfg.start_steps steps of the run with seed start_seed(cfg.seed, start) (initialisation,
+    clusters and data), scored by the hard-EM objective max_k [log p_psi(y|x,k) + log p_phi(k|x)]."""
+    start_cfg = replace(cfg, seed=start_seed(cfg.seed, start))
+    seed_everything(start_cfg.seed)
+    fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
+    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    records = start_at_base(fact, base, task, start_cfg, device)
+    fact.train()
+    train_steps(fact, base, task, optimizer, start_cfg, device, 0, cfg.start_steps, records.append)
+    torch_rng = torch.get_rng_state()
+    pairs = training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS)
+    router_logp = router_distribution(fact, task, [x for x, _ in pairs]).log()
+    score = hard_em_objective(latent_log_likelihoods(fact, task, pairs), router_logp)
+    fact.train()
+    return Start(fact, optimizer, records, torch_rng, score)
+
+
+def select_start(cfg, base, task, base_dir, base_ckpt, device):
+    """Train cfg.starts starts; returns the index of the one with the highest hard-EM objective, and it."""
+    best, best_index, scores = None, 0, []
+    for start in range(cfg.starts):
+        candidate = train_start(cfg, base, task, base_dir, base_ckpt, device, start)
+        scores.append(candidate.hard_em_objective)
+        tqdm.write(f"step {cfg.start_steps}: start {start} has hard-EM objective {scores[-1]:.4f}")
+        if best is None or candidate.hard_em_objective > best.hard_em_objective:
+            best, best_index = candidate, start
+    best.records.append({"step": cfg.start_steps, "start/hard_em_objective": scores, "start/chosen": best_index})
+    return best_index, best
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
 def main(argv=None):
     cfg, given = parse_config(Config, argv, description=__doc__.split("\n\n")[0], epilog=RECIPES_HELP)
     apply_recipe(cfg, given)
@@ -695,6 +756,7 @@ def main(argv=None):
     ckpt = open_run(out, cfg.resume, fact, optimizer, asdict(cfg), VOCAB, task.name,
                     {**asdict(cfg), "k": fact.K, "base": base_dir, "machine": machine_info(device)})
     start_step, seconds, t0 = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0), time.perf_counter()
+    chosen = ckpt.get("start", 0)
 
     def evaluate_and_checkpoint(step):
         n_inputs = cfg.final_inputs if step == cfg.steps else cfg.eval_inputs
@@ -704,29 +766,31 @@ def main(argv=None):
         elapsed = seconds + time.perf_counter() - t0
         if step:
             save_checkpoint(ckpt_path, fact, VOCAB, task.name, optimizer=optimizer.state_dict(), step=step,
-                            train_config=asdict(cfg), torch_rng=torch.get_rng_state(), train_seconds=elapsed)
+                            train_config=asdict(cfg), torch_rng=torch.get_rng_state(), train_seconds=elapsed,
+                            start=chosen)
         tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         if step == cfg.steps:
             write_json(os.path.join(out, "metrics.json"),
                        {**metrics, "eval_inputs": n_inputs, "train_seconds": elapsed})
 
-    if start_step == 0:
+    if start_step == 0 and cfg.starts > 1:  # the first phase ran in each start; the chosen one goes on
+        chosen, best = select_start(cfg, base, task, base_dir, base_ckpt, device)
+        fact, optimizer, start_step = best.fact, best.optimizer, cfg.start_steps
+        torch.set_rng_state(best.torch_rng)
+        for record in best.records:
+            append_jsonl(log_path, record)
+        evaluate_and_checkpoint(start_step)
+    elif start_step == 0:
         for record in start_at_base(fact, base, task, cfg, device):
             append_jsonl(log_path, record)
         evaluate_and_checkpoint(0)
-    fact.train()
-    for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
-                     desc=f"{cfg.latent} {task.alias}", disable=None):
-        obj = train_step(fact, base, task, optimizer, cfg, step, device, cfg.cluster_init and step < cfg.cluster_hold)
-        done = step + 1
-        if cfg.reassign and done % cfg.reassign == 0 and done <= cfg.steps // 2:
-            moved = reassign_clusters(fact, base, task, cfg, done)
-            tqdm.write(f"step {done}: {moved:.1%} of pairs moved to the cluster the generator rates highest")
-            append_jsonl(log_path, {"step": done, "reassign/moved": moved})
-        if done % cfg.log_interval == 0 or done == cfg.steps:
-            append_jsonl(log_path, {"step": done, "lr": optimizer.param_groups[0]["lr"], **log_record(obj)})
+    def after_step(done):
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             evaluate_and_checkpoint(done)
+
+    fact.train()  # the training data of the chosen start's seed (the run's own with --starts 1)
+    train_steps(fact, base, task, optimizer, replace(cfg, seed=start_seed(cfg.seed, chosen)), device, start_step,
+                cfg.steps, lambda record: append_jsonl(log_path, record), after_step)
     return 0
 
 

@@ -522,6 +522,35 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     assert not list(moved.glob("*.tmp.*"))
 
 
+def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exactly(tiny_base, tmp_path, monkeypatch):
+    args = lambda out, *extra: tiny_args(tiny_base, out, "discrete", "--starts", "3", "--start-steps", "2", *extra)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert D.main(args(straight)) == 0
+    log = read_log(straight / "log.jsonl")
+    choice = next(r for r in log if "start/chosen" in r)
+    scores = choice["start/hard_em_objective"]
+    assert len(scores) == 3 and len(set(scores)) == 3  # three different starts
+    assert choice["start/chosen"] == scores.index(max(scores))
+    assert [r["step"] for r in log if "loss/total" in r] == [1, 2, 3, 4]  # the chosen start's lines only
+    assert [r["step"] for r in log if "alignment_one_to_one" in r] == [2, 4]
+    train_step = D.train_step
+
+    def killed_at_step_3(*args):  # after the choice and its checkpoint at step 2
+        if args[5] == 3:
+            raise KeyboardInterrupt
+        return train_step(*args)
+
+    monkeypatch.setattr(D, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        D.main(args(stopped))
+    monkeypatch.setattr(D, "train_step", train_step)
+    assert D.main(args(stopped, "--resume")) == 0  # continues the chosen start, on its seed's data
+    assert read_log(stopped / "log.jsonl") == log
+    drop = lambda m: {k: v for k, v in m.items() if k != "train_seconds"}
+    assert json.dumps(drop(json.load(open(stopped / "metrics.json")))) == \
+        json.dumps(drop(json.load(open(straight / "metrics.json"))))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--latent", "continuous", "--cluster-init", "8", "--dz", "1"], "--dz must be at least 2, got 1"),
     (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
@@ -531,6 +560,9 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     (["--latent", "continuous", "--k", "5"], "--k has no effect with --latent continuous"),
     (["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
     (["--router", "mixture"], "--router has no effect with --latent discrete"),
+    (["--start-steps", "100"], "--start-steps has no effect with --starts 1"),
+    (["--latent", "continuous", "--starts", "3"], "--starts has no effect with --latent continuous"),
+    (["--starts", "2", "--steps", "300"], "--start-steps must be below --steps 300, got 300"),
     (["--latent", "continuous", "--components", "2"], "--components has no effect with --router gaussian"),
     (["--latent", "continuous", "--router", "flow"], "--router must be one of gaussian, mixture"),
     (["--lr", "inf"], "--lr must be a finite number"),
