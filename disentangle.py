@@ -97,14 +97,25 @@ class Config:
     cluster_init: int = arg(0, "k-means start of the posterior on this many whitened components; freezes its backbone")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half, a hard-EM reassignment (0: off)")
-    starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..) and keep the best (select_start)")
-    start_steps: int = arg(300, "with --starts > 1: the steps each start trains before the choice")
+    starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
+    start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation during training")
     final_inputs: int = arg(500, "held-out inputs of the final evaluation (metrics.json)")
     log_interval: int = arg(10, "steps between log lines")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     precision: str = arg("auto", "training matmuls: auto (bf16 where the hardware has it), bf16 or fp32")
+
+    def ignored(self):
+        """The settings that this configuration does not read: {name: the setting that makes it so}."""
+        other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
+                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts")}[self.latent]
+        ignored = {name: f"--latent {self.latent}" for name in other}
+        ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
+        ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
+        ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
+        ignored.update({"components": "--router gaussian"} if self.router == "gaussian" else {})
+        return ignored
 
     def validate(self, given, n_strategies):
         """Every value in range, and no flag that this configuration would ignore, before any work."""
@@ -118,18 +129,12 @@ class Config:
                                "final_inputs": 100_000, "cluster_init": 4096, "components": 64, "starts": 64})
         if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
             raise ValueError(f"--k must be between 2 and {MAX_LATENTS}, got {self.k}")
-        other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
-                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts")}[self.latent]
-        ignored = {name: f"--latent {self.latent}" for name in other}
-        ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
-        ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
-        ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
-        ignored.update({"components": "--router gaussian"} if self.router == "gaussian" else {})
-        for name, reason in ignored.items():
+        for name, reason in self.ignored().items():
             if name in given:
                 raise ValueError(f"--{name.replace('_', '-')} has no effect with {reason}")
         if self.starts > 1 and self.start_steps >= self.steps:
-            raise ValueError(f"--start-steps must be below --steps {self.steps}, got {self.start_steps}")
+            recipe = "" if "starts" in given else f" (--starts {self.starts} is the recipe's; add --starts 1)"
+            raise ValueError(f"--start-steps must be below --steps {self.steps}, got {self.start_steps}{recipe}")
         if self.reassign and not self.cluster_init:
             raise ValueError(f"--reassign {self.reassign} (from the recipe) needs --cluster-init; add --reassign 0")
         if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
@@ -137,22 +142,28 @@ class Config:
                              f"{n_strategies - 1}, got {self.dz}")
 
 
-# What each latent type and (task, latent) pair adds to the Config defaults (docs/experiments.md)
-LATENT_RECIPES = {"discrete": {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1},
-                  "continuous": {"router_marginal_kl": 1.0}}
+def latent_recipe(latent, n_strategies):
+    """What a latent type adds to the Config defaults on every task (docs/experiments.md). Discrete:
+    the k-means start on 4 (S + 1) components, the hard-EM step, three starts chosen at step 600."""
+    if latent == "discrete":
+        return {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1,
+                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 3}
+    return {"router_marginal_kl": 1.0}
+
+
+# What a (task, latent) pair adds: steps that follow from the trace length; continuous, per task
 TASK_RECIPES = {
-    ("grid_pathfinding", "discrete"): {"cluster_init": 16, "reassign": 300},
+    ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture"},
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
-    ("multidigit_addition", "discrete"): {"cluster_init": 16, "steps": 1800},
+    ("multidigit_addition", "discrete"): {"steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0},
-    ("sorting_algorithms", "discrete"): {"cluster_init": 24, "reassign": 300, "steps": 2400},
+    ("sorting_algorithms", "discrete"): {"steps": 2400},
     ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
 }
-RECIPES = {(task, latent): {**LATENT_RECIPES[latent], **TASK_RECIPES.get((task, latent), {})}
-           for task in TASKS for latent in LATENT_RECIPES}
+RECIPES = {(task, latent): {**latent_recipe(latent, len(cls.strategies)), **TASK_RECIPES.get((task, latent), {})}
+           for task, cls in TASKS.items() for latent in ("discrete", "continuous")}
 RECIPES_HELP = "defaults: the values shown, then RECIPES for the task and latent:\n" + "\n".join(
-    [f"  {latent}, every task: {extra}" for latent, extra in LATENT_RECIPES.items()]
-    + [f"  {latent}, {task}: {extra}" for (task, latent), extra in TASK_RECIPES.items()])
+    f"  {task}, {latent}: {extra}" for (task, latent), extra in RECIPES.items())
 
 
 def apply_recipe(cfg, given):
@@ -784,6 +795,7 @@ def main(argv=None):
         for record in start_at_base(fact, base, task, cfg, device):
             append_jsonl(log_path, record)
         evaluate_and_checkpoint(0)
+
     def after_step(done):
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             evaluate_and_checkpoint(done)

@@ -12,7 +12,9 @@ Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<
 runs/benchmark/logs/. Each job gets cores / jobs threads. When a run finishes, its config.json and
 metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with the code: the
 report is written from the records, so a table can grow over sweeps on different machines, and a
-base model whose folder is gone is trained again only when a stage-2 run still needs it.
+base model whose folder is gone is trained again only when a stage-2 run still needs it. A stage-2
+record counts only while its settings are the current recipe's (disentangle.RECIPES): after a recipe
+changes, its runs are run again, the earlier folder kept as <run>.earlier-N.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from disentangle import Config as Stage2Config  # noqa: E402
+from disentangle import Config as Stage2Config, apply_recipe  # noqa: E402
 from model import write_json  # noqa: E402
 from tasks import get_task  # noqa: E402
 
@@ -52,18 +54,42 @@ def meets_all(values, kind):
     return all(meets(values, key, target) for key, target in TARGETS[kind].items())
 
 
+# settings that say where and how a run ran, not what it computes; precision follows the hardware
+NOT_RECIPE = {"task", "latent", "seed", "base", "out", "device", "resume", "precision", "machine"}
+
+
+def recipe_settings(task, latent):
+    """The resolved settings of `disentangle.py --task TASK --latent LATENT` with no other flag, less
+    those it does not read (Config.ignored)."""
+    cfg = Stage2Config(task=task, latent=latent)
+    apply_recipe(cfg, given=set())
+    cfg.k = cfg.k or len(get_task(task).strategies)  # config.json has K resolved
+    return {k: v for k, v in vars(cfg).items() if k not in NOT_RECIPE and k not in cfg.ignored()}
+
+
+def earlier_recipe(config, task, latent):
+    """The settings in which a stage-2 run's config differs from the current recipe (a setting
+    added since the run counts as its default, which is what the code did before it existed)."""
+    defaults = vars(Stage2Config())
+    return sorted(k for k, v in recipe_settings(task, latent).items() if config.get(k, defaults[k]) != v)
+
+
+def current(config, task, latent):
+    return latent is None or not earlier_recipe(config, task, latent)
+
+
 def run_name(latent=None, seed=None):
     return "base" if latent is None else f"{latent}_seed{seed}"
 
 
 def jobs_for(args):
-    """The (name, folder, record, command, base folder) of every run, bases first."""
+    """The (name, folder, record, command, base folder, task, latent) of every run, bases first."""
     jobs = []
     for task in args.tasks:
         name = get_task(task).name
         base = os.path.join(args.runs, name, "base")
         jobs.append((f"{task}-base", base, os.path.join(args.records, name, "base.json"),
-                     ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None))
+                     ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None, task, None))
         for latent in args.latents:
             for seed in args.seeds:
                 run = run_name(latent, seed)
@@ -71,12 +97,33 @@ def jobs_for(args):
                 command = ["disentangle.py", "--task", task, "--latent", latent, "--seed", str(seed),
                            "--base", base, "--out", out]
                 jobs.append((f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run}.json"),
-                             command, base))
+                             command, base, task, latent))
     return jobs
 
 
 def finished(folder):
     return os.path.exists(os.path.join(folder, "metrics.json"))
+
+
+def recorded(record, task, latent):
+    """A record that exists and, for stage 2, was run with the current recipe."""
+    config = (read(record) or {}).get("config")
+    return config is not None and current(config, task, latent)
+
+
+def set_aside_earlier_run(folder, task, latent):
+    """Move a run folder of an earlier recipe to <folder>.earlier-N, so that the new run starts fresh
+    and nothing is lost; returns whether there was one."""
+    config = read(os.path.join(folder, "config.json"))
+    if latent is None or config is None or current(config, task, latent):
+        return False
+    n = 1
+    while os.path.exists(f"{folder}.earlier-{n}"):
+        n += 1
+    os.rename(folder, f"{folder}.earlier-{n}")
+    print(f"moved {folder} (settings {', '.join(earlier_recipe(config, task, latent))} from an earlier recipe) "
+          f"to {folder}.earlier-{n}")
+    return True
 
 
 def save_record(folder, record):
@@ -88,16 +135,16 @@ def save_record(folder, record):
 
 def sync_records(args):
     """Bring the records up to date with the finished run folders."""
-    for _, folder, record, _, _ in jobs_for(args):
-        if finished(folder):
+    for _, folder, record, _, _, task, latent in jobs_for(args):
+        if finished(folder) and current(read(os.path.join(folder, "config.json")) or {}, task, latent):
             save_record(folder, record)
 
 
 def pending_jobs(args):
-    """The runs without a record, and the bases they need whose checkpoint is gone."""
+    """The runs without a record of the current recipe, and the bases they need whose checkpoint is gone."""
     sync_records(args)
     jobs = jobs_for(args)
-    missing = [j for j in jobs if not os.path.exists(j[2])]
+    missing = [j for j in jobs if not recorded(j[2], j[5], j[6])]
     needed = {j[4] for j in missing if j[4] is not None}
     return [j for j in jobs if j in missing or (j[1] in needed and not os.path.exists(os.path.join(j[1], "ckpt.pt")))]
 
@@ -115,7 +162,7 @@ def run_jobs(args):
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     while pending or running:
         for job in list(pending):
-            name, folder, record, command, needs = job
+            name, folder, record, command, needs, task, latent = job
             if len(running) >= args.jobs:
                 break
             if needs in failed:
@@ -124,6 +171,7 @@ def run_jobs(args):
                 print(f"skip  {name}: its base model failed")
             elif needs is None or (finished(needs) and needs not in busy(pending, running)):
                 pending.remove(job)
+                set_aside_earlier_run(folder, task, latent)
                 resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
                 log = open(os.path.join(args.runs, "logs", f"{name}.log"), "a")
                 env = {**os.environ, "OMP_NUM_THREADS": threads}
@@ -217,14 +265,20 @@ def stage2_table(records, tasks, latent, seeds):
     keys = list(TARGETS[latent])
     rows = []
     for task in tasks:
-        found = []
+        found, earlier = [], []
         for seed in seeds:
             config, metrics = read_record(records, task, run_name(latent, seed))
             if config and metrics:
-                found.append((seed, config, stage2_values(metrics, latent)))
-        if not found:
-            continue
+                if current(config, task, latent):
+                    found.append((seed, config, stage2_values(metrics, latent)))
+                else:
+                    earlier.append(seed)
         name = get_task(task).name
+        rerun = (f"Seed{'s' * (len(earlier) > 1)} {', '.join(map(str, earlier))}: recorded with an earlier recipe, not shown; "
+                 f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}` runs them again.")
+        if not found:
+            rows += [f"### {name}, {latent}", "", rerun, ""] if earlier else []
+            continue
         rows += [f"### {name}, {latent}", "", f"Recipe as resolved: `{settings(found[0][1])}`.", "",
                  "| seed | command | steps | inputs | wall-clock | machine | started | " + " | ".join(keys)
                  + " | meets all |", "|---" * (8 + len(keys)) + "|"]
@@ -239,7 +293,7 @@ def stage2_table(records, tasks, latent, seeds):
             cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
             meets = f"{n_meet} of {len(found)}" if label == "min" else ""
             rows.append(f"| **{label}** | | | | | | | {cells} | {meets} |")
-        rows.append("")
+        rows += ["", rerun, ""] if earlier else [""]
     return rows
 
 

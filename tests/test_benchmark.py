@@ -27,8 +27,9 @@ BASE = ({"task": "grid_pathfinding", "steps": 2500},
          "excess_nll": 0.01, "train_seconds": 480.0})
 
 
-def stage2(seed, alignment):
-    return ({"task": "grid", "latent": "discrete", "seed": seed, "steps": 1200},
+def stage2(seed, alignment, **changed):
+    return ({**benchmark.recipe_settings("grid", "discrete"), "task": "grid", "latent": "discrete", "seed": seed,
+             **changed},
             {"alignment_one_to_one": alignment, "local_strategy_full_coverage_rate": 0.9,
              "router/answer_accuracy": 0.99, "eval_inputs": 500, "train_seconds": 180.0})
 
@@ -59,6 +60,26 @@ def test_a_base_whose_folder_is_gone_is_trained_again_only_for_a_missing_stage2_
     assert [j[0] for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed1"]
     args.seeds = [0]
     assert benchmark.pending_jobs(args) == []
+
+
+def test_a_run_of_an_earlier_recipe_is_not_reported_and_runs_again_in_a_fresh_folder(tmp_path):
+    args = args_for(tmp_path)
+    finish(os.path.join(args.runs, "grid_pathfinding", "base"), *BASE)
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"), *stage2(0, 1.0))
+    earlier = os.path.join(args.runs, "grid_pathfinding", "discrete_seed1")
+    finish(earlier, *stage2(1, 0.5, jsd=0.5))
+    assert [j[0] for j in benchmark.pending_jobs(args)] == ["grid-discrete-seed1"]
+    assert not os.path.exists(os.path.join(args.records, "grid_pathfinding", "discrete_seed1.json"))
+    assert benchmark.set_aside_earlier_run(earlier, "grid", "discrete")
+    assert not os.path.exists(earlier) and os.path.exists(earlier + ".earlier-1")  # kept, out of the way
+    assert not benchmark.set_aside_earlier_run(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"),
+                                               "grid", "discrete")
+    with open(os.path.join(args.records, "grid_pathfinding", "discrete_seed1.json"), "w") as f:
+        json.dump({"config": stage2(1, 0.5, starts=5)[0], "metrics": stage2(1, 0.5)[1]}, f)
+    benchmark.write_report(args)
+    report = open(args.report).read()
+    assert "| **min** | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in report  # seed 0 alone
+    assert "Seed 1: recorded with an earlier recipe" in report
 
 
 def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_path, capsys):

@@ -435,8 +435,16 @@ def test_no_flag_config_is_the_recipe():
     assert resolved([]) == resolved(["--task", "grid", "--latent", "discrete"])
     sort = resolved(["--task", "sort"])
     assert (sort.cluster_init, sort.reassign, sort.steps, sort.jsd, sort.token_weighted) == (24, 300, 2400, 1.0, True)
+    discrete = {task: resolved(["--task", task]) for task in ("grid", "sort", "add", "linear", "sum", "base")}
+    one_recipe = {task: {k: v for k, v in vars(cfg).items() if k not in ("task", "steps", "cluster_init")}
+                  for task, cfg in discrete.items()}
+    assert all(settings == one_recipe["grid"] for settings in one_recipe.values())  # one discrete recipe
+    assert {task: cfg.cluster_init for task, cfg in discrete.items()} == \
+        {"grid": 16, "sort": 24, "add": 16, "linear": 16, "sum": 16, "base": 16}  # 4 (S + 1) for S strategies
+    assert (discrete["grid"].starts, discrete["grid"].start_steps) == (3, 600)
     grid = resolved(["--latent", "continuous"])
-    assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.data) == (1.0, 0.0, 0, "dgp")
+    assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
+        (1.0, 0.0, 16, 300, "mixture", "dgp")
 
 
 def test_a_given_flag_overrides_the_recipe():
@@ -455,7 +463,7 @@ def tiny_args(tiny_base, out, latent, *extra):
     if latent == "continuous":
         args += ["--dz", "4", "--samples", "2", "--posterior-variance", "0.1"]
     else:
-        args += ["--posterior-entropy", "0.1"]
+        args += ["--posterior-entropy", "0.1", "--starts", "1"]
     return args + ["--normalized-recon", "--free-bits", "0.1", "--beta", "0.5", *extra]
 
 
@@ -533,6 +541,10 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     assert choice["start/chosen"] == scores.index(max(scores))
     assert [r["step"] for r in log if "loss/total" in r] == [1, 2, 3, 4]  # the chosen start's lines only
     assert [r["step"] for r in log if "alignment_one_to_one" in r] == [2, 4]
+    alone = tmp_path / "alone"  # the chosen start trains as the run with its seed would
+    assert D.main(tiny_args(tiny_base, alone, "discrete", "--seed", str(D.start_seed(0, choice["start/chosen"])))) == 0
+    losses = lambda log: [r for r in log if "loss/total" in r]
+    assert losses(read_log(alone / "log.jsonl")) == losses(log)
     train_step = D.train_step
 
     def killed_at_step_3(*args):  # after the choice and its checkpoint at step 2
@@ -560,10 +572,11 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     (["--latent", "continuous", "--k", "5"], "--k has no effect with --latent continuous"),
     (["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
     (["--router", "mixture"], "--router has no effect with --latent discrete"),
-    (["--start-steps", "100"], "--start-steps has no effect with --starts 1"),
+    (["--starts", "1", "--start-steps", "100"], "--start-steps has no effect with --starts 1"),
     (["--latent", "continuous", "--starts", "3"], "--starts has no effect with --latent continuous"),
-    (["--starts", "2", "--steps", "300"], "--start-steps must be below --steps 300, got 300"),
-    (["--latent", "continuous", "--components", "2"], "--components has no effect with --router gaussian"),
+    (["--starts", "2", "--steps", "300"], "--start-steps must be below --steps 300, got 600"),
+    (["--steps", "300"], "got 600 (--starts 3 is the recipe's; add --starts 1)"),
+    (["--latent", "continuous", "--router", "gaussian", "--components", "2"], "--components has no effect with --router gaussian"),
     (["--latent", "continuous", "--router", "flow"], "--router must be one of gaussian, mixture"),
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--beta", "nan"], "--beta must be a finite number"),

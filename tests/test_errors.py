@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
     save_checkpoint(str(base / "ckpt.pt"), model, VOCAB, "grid_pathfinding", task_options={"mixture": "uniform"},
                     train_config={"task": "grid"}, step=0)
     stage2 = root / "grid_pathfinding" / "discrete"
-    assert D.main(["--base", str(base), "--out", str(stage2), "--steps", "2", "--batch-size", "2",
+    assert D.main(["--base", str(base), "--out", str(stage2), "--steps", "2", "--starts", "1", "--batch-size", "2",
                    "--eval-inputs", "10", "--final-inputs", "10", "--device", "cpu"]) == 0
     (root / "a_file").write_text("not a folder")
     return root
@@ -109,8 +109,8 @@ MESSAGES = [
     (stage1, ["--task", "linear", "--task-options", "max_coef=1"], "leave an empty range to draw inputs from"),
     (stage1, ["--task", "sum", "--task-options", "n=60"], "more than the model's block size 160"),
     (stage2, ["--data", "model", "--out", "{new}"], "too few to cluster: train it longer, or take y from"),
-    (stage2, ["--steps", "4"], "exists; pass --resume to continue it"),
-    (stage2, ["--resume", "--steps", "4", "--jsd", "2"], "--resume with settings that differ"),
+    (stage2, ["--steps", "4", "--starts", "1"], "exists; pass --resume to continue it"),
+    (stage2, ["--resume", "--steps", "4", "--starts", "1", "--jsd", "2"], "--resume with settings that differ"),
 ]
 
 
