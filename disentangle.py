@@ -25,15 +25,17 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
       --jsd                 - sum_t JSD_t(p_psi(y_t|x,y_<t,z=1..K))        jsd_loss, prefix_posterior
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
-Two moves between gradient steps make discovery reliable where the ELBO alone stalls
+Three moves outside the gradient make discovery reliable where the ELBO alone stalls
 (docs/experiments.md): --cluster-init M starts the posterior from k-means on M whitened principal
 components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
-sends pairs to the latent whose generator rates them highest (reassign_clusters).
+sends pairs to the latent whose generator rates them highest (reassign_clusters); --starts N
+trains N starts to --start-steps and goes on with the one whose hard-EM objective
+max_k [log p_psi(y|x,k) + log p_phi(k|x)] is highest (select_start), without labels.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 10-15 minutes on a 2-core CPU
-    python disentangle.py --latent continuous             # grid, 15 minutes
+    python disentangle.py --task grid --latent discrete   # 14 minutes on one core of a 2-core CPU
+    python disentangle.py --latent continuous             # grid, 9 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json (the resolved
