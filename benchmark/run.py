@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -82,22 +83,32 @@ def run_name(latent=None, seed=None):
     return "base" if latent is None else f"{latent}_seed{seed}"
 
 
+class Job(NamedTuple):
+    name: str  # e.g. grid-discrete-seed0
+    folder: str  # its run folder
+    record: str  # its record in benchmark/records
+    command: list  # the script and its flags
+    needs: str  # the base folder a stage-2 run needs (None for a base)
+    task: str
+    latent: str  # None for a base
+
+
 def jobs_for(args):
-    """The (name, folder, record, command, base folder, task, latent) of every run, bases first."""
+    """The Job of every run, bases first."""
     jobs = []
     for task in args.tasks:
         name = get_task(task).name
         base = os.path.join(args.runs, name, "base")
-        jobs.append((f"{task}-base", base, os.path.join(args.records, name, "base.json"),
-                     ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None, task, None))
+        jobs.append(Job(f"{task}-base", base, os.path.join(args.records, name, "base.json"),
+                        ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None, task, None))
         for latent in args.latents:
             for seed in args.seeds:
                 run = run_name(latent, seed)
                 out = os.path.join(args.runs, name, run)
                 command = ["disentangle.py", "--task", task, "--latent", latent, "--seed", str(seed),
                            "--base", base, "--out", out]
-                jobs.append((f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run}.json"),
-                             command, base, task, latent))
+                jobs.append(Job(f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run}.json"),
+                                command, base, task, latent))
     return jobs
 
 
@@ -135,23 +146,24 @@ def save_record(folder, record):
 
 def sync_records(args):
     """Bring the records up to date with the finished run folders."""
-    for _, folder, record, _, _, task, latent in jobs_for(args):
-        if finished(folder) and current(read(os.path.join(folder, "config.json")) or {}, task, latent):
-            save_record(folder, record)
+    for job in jobs_for(args):
+        if finished(job.folder) and current(read(os.path.join(job.folder, "config.json")) or {}, job.task, job.latent):
+            save_record(job.folder, job.record)
 
 
 def pending_jobs(args):
     """The runs without a record of the current recipe, and the bases they need whose checkpoint is gone."""
     sync_records(args)
     jobs = jobs_for(args)
-    missing = [j for j in jobs if not recorded(j[2], j[5], j[6])]
-    needed = {j[4] for j in missing if j[4] is not None}
-    return [j for j in jobs if j in missing or (j[1] in needed and not os.path.exists(os.path.join(j[1], "ckpt.pt")))]
+    missing = [j for j in jobs if not recorded(j.record, j.task, j.latent)]
+    needed = {j.needs for j in missing if j.needs is not None}
+    gone = lambda j: not os.path.exists(os.path.join(j.folder, "ckpt.pt"))
+    return [j for j in jobs if j in missing or (j.folder in needed and gone(j))]
 
 
 def busy(pending, running):
     """The folders of the runs that are waiting or running: a stage-2 run waits for its base."""
-    return {j[1] for j in pending} | {folder for _, folder, _, _ in running.values()}
+    return {j.folder for j in pending} | {folder for _, folder, _, _ in running.values()}
 
 
 def run_jobs(args):
@@ -274,8 +286,9 @@ def stage2_table(records, tasks, latent, seeds):
                 else:
                     earlier.append(seed)
         name = get_task(task).name
-        rerun = (f"Seed{'s' * (len(earlier) > 1)} {', '.join(map(str, earlier))}: recorded with an earlier recipe, not shown; "
-                 f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}` runs them again.")
+        rerun = (f"Seed{'s' * (len(earlier) > 1)} {', '.join(map(str, earlier))}: recorded with an earlier recipe, "
+                 f"not shown; `python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}` runs them "
+                 "again.")
         if not found:
             rows += [f"### {name}, {latent}", "", rerun, ""] if earlier else []
             continue
