@@ -132,7 +132,7 @@ class Config:
         if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
             raise ValueError(f"--k must be between 2 and {MAX_LATENTS}, got {self.k}")
         for name, reason in self.ignored().items():
-            if name in given:
+            if name in given and getattr(self, name):  # an ignored setting switched off is consistent
                 raise ValueError(f"--{name.replace('_', '-')} has no effect with {reason}")
         if self.starts > 1 and self.start_steps >= self.steps:
             recipe = "" if "starts" in given else f" (--starts {self.starts} is the recipe's; add --starts 1)"
