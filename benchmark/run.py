@@ -9,7 +9,7 @@ resumed, so running it again costs only what is missing and rewrites the same fi
     python benchmark/run.py --report-only                      # only records and docs/results.md
 
 Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<S>; logs in
-runs/benchmark/logs/. Each job gets cores / jobs threads. When a run finishes, its config.json and
+runs/benchmark/logs/. Each job gets cores / jobs threads (--threads to choose). When a run finishes, its config.json and
 metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with the code: the
 report is written from the records, so a table can grow over sweeps on different machines, and a
 base model whose folder is gone is trained again only when a stage-2 run still needs it. A stage-2
@@ -171,7 +171,7 @@ def run_jobs(args):
     pending = pending_jobs(args)
     running, failed = {}, set()
     os.makedirs(os.path.join(args.runs, "logs"), exist_ok=True)
-    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    threads = str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     while pending or running:
         for job in list(pending):
             name, folder, record, command, needs, task, latent = job
@@ -343,6 +343,8 @@ def main(argv=None):
     parser.add_argument("--latents", nargs="+", default=list(DEFAULT_LATENTS), choices=list(DEFAULT_LATENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (2 on a 2-core CPU; a GPU takes many)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads per run (0: cores / jobs; 1 beside another sweep on a 2-core CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps, passed to every run")
     parser.add_argument("--runs", default=os.path.join("runs", "benchmark"), help="where the run folders go")
     parser.add_argument("--records", default=os.path.join("benchmark", "records"),
@@ -354,6 +356,8 @@ def main(argv=None):
     os.chdir(ROOT)  # run folders and commands relative to the repository
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 or more, got {args.threads}")
     if args.report_only:
         sync_records(args)
         code = 0
