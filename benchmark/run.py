@@ -234,9 +234,11 @@ def fmt(value):
 
 
 def settings(config):
-    """The resolved stage-2 settings that differ from the Config defaults: the recipe as it ran."""
+    """The resolved stage-2 settings that differ from the Config defaults and that the run read: the
+    recipe as it ran."""
     defaults = vars(Stage2Config())
-    skip = {"task", "latent", "seed", "base", "out", "device", "resume"}
+    skip = {"task", "latent", "seed", "base", "out", "device", "resume",
+            *Stage2Config(**{k: v for k, v in config.items() if k in defaults}).ignored()}
     return ", ".join(f"{k}={v}" for k, v in config.items() if k in defaults and k not in skip and v != defaults[k])
 
 
