@@ -454,9 +454,9 @@ def test_a_given_flag_overrides_the_recipe():
 
 def test_the_advice_of_an_error_is_accepted():
     # "--cluster-init 0" alone is refused with "add --reassign 0"; with it, the config is valid
-    argv = ["--cluster-init", "0", "--reassign", "0"]
-    cfg = resolved(argv)
-    cfg.validate(parse_config(D.Config, argv)[1], 3)
+    cfg, given = parse_config(D.Config, ["--cluster-init", "0", "--reassign", "0"])
+    D.apply_recipe(cfg, given)
+    cfg.validate(given, 3)
     assert (cfg.cluster_init, cfg.reassign) == (0, 0)
 
 
