@@ -237,21 +237,27 @@ class ListSummation(Task):
     def __init__(self, mixture="uniform", n=5, max_value=9):
         super().__init__(mixture)
         self.n, self.max_value = n, max_value  # list length; values drawn from 1..max_value
+        # every number is written with the digits of the largest sum (7 -> 0 7), so each step of a
+        # trace has the same length and the operand to copy sits at a fixed offset
+        self.width = len(str(n * max_value))
+
+    def digits(self, v):
+        return list(str(v).zfill(self.width))
 
     def sample_input(self, rng):
         return [rng.randint(1, self.max_value) for _ in range(self.n)]
 
     def input_tokens(self, x):
-        tokens = num(x[0])
+        tokens = self.digits(x[0])
         for v in x[1:]:
-            tokens += ["+", *num(v)]
+            tokens += ["+", *self.digits(v)]
         return tokens
 
     def trace(self, x, strategy):
         y = []
 
         def add(a, b):
-            y.extend([*num(a), "+", *num(b), "=", *num(a + b), ";"])
+            y.extend([*self.digits(a), "+", *self.digits(b), "=", *self.digits(a + b), ";"])
             return a + b
 
         if strategy == "left-to-right":
