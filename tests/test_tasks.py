@@ -112,6 +112,15 @@ def test_worked_example_grid():
     assert task.parse_answer(task.trace((1, 2, 3, 4), "down-first")) == ["D", "D", "R", "R"]
 
 
+def test_worked_example_sum_numbers_have_one_width():
+    """Every number has the largest sum's two digits, so every step of a trace is 8 tokens before its `;`."""
+    task = get_task("sum")
+    assert " ".join(task.input_tokens([7, 3, 9, 1, 5])) == "0 7 + 0 3 + 0 9 + 0 1 + 0 5"
+    y = " ".join(task.trace([7, 3, 9, 1, 5], "pairwise"))
+    assert y == "0 7 + 0 3 = 1 0 ; 0 9 + 0 1 = 1 0 ; 1 0 + 1 0 = 2 0 ; 2 0 + 0 5 = 2 5 ; ans 2 5"
+    assert {len(step.split()) for step in y.split(" ; ")[:-1]} == {8}
+
+
 def test_worked_example_sorting_states_are_real():
     """Bubble sort on 3 1 4 0 2 5: pass 1 bubbles 4 past 0 and 2, giving 1 3 0 2 4 5."""
     y = get_task("sort").trace([3, 1, 4, 0, 2, 5], "bubble-sort")
