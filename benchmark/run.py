@@ -260,8 +260,8 @@ def command(config, script):
 
 def base_table(records, tasks):
     keys = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
-    rows = ["| task | command | steps | inputs | wall-clock | machine | started | " + " | ".join(keys)
-            + " | meets all |", "|---" * (8 + len(keys)) + "|"]
+    rows = ["| task | command | steps | training tokens | inputs | wall-clock | machine | started | "
+            + " | ".join(keys) + " | meets all |", "|---" * (9 + len(keys)) + "|"]
     for task in tasks:
         config, metrics = read_record(records, task, "base")
         if not (config and metrics):
@@ -269,8 +269,9 @@ def base_table(records, tasks):
         where, started = machine(config)
         inputs = metrics.get("eval_inputs", config.get("eval_inputs", "?"))  # older runs scored on eval_inputs
         meets = "yes" if meets_all(metrics, "base") else "no"
+        tokens = f"{metrics['train_tokens'] / 1e6:.1f}M" if "train_tokens" in metrics else "?"  # padding excluded
         rows.append(f"| {get_task(task).name} | `{command(config, 'train_base.py')}` | {config['steps']} | "
-                    f"{inputs} | {metrics['train_seconds']:.0f} s | {where} | {started} | "
+                    f"{tokens} | {inputs} | {metrics['train_seconds']:.0f} s | {where} | {started} | "
                     + " | ".join(fmt(metrics[k]) for k in keys) + f" | {meets} |")
     return rows
 
