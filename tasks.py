@@ -242,6 +242,7 @@ class ListSummation(Task):
         self.width = len(str(n * max_value))
 
     def digits(self, v):
+        """v as digit tokens padded with zeros to the task's width: 7 -> ['0', '7']."""
         return list(str(v).zfill(self.width))
 
     def sample_input(self, rng):

@@ -12,9 +12,10 @@ Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<
 runs/benchmark/logs/. Each job gets cores / jobs threads (or --threads). When a run finishes, its
 config.json and metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with
 the code: the report is written from the records, so a table can grow over sweeps on different
-machines, and a base model whose folder is gone is trained again only when a stage-2 run still needs it. A stage-2
-record counts only while its settings are the current recipe's (disentangle.RECIPES): after a recipe
-changes, its runs are run again, the earlier folder kept as <run>.earlier-N.
+machines, and a base model whose folder is gone is trained again only when a stage-2 run still
+needs it. A stage-2 record counts only while its settings are the current recipe's
+(disentangle.RECIPES): after a recipe changes, its runs are run again, the earlier folder kept as
+<run>.earlier-N.
 """
 
 import argparse
