@@ -39,11 +39,11 @@ linear_equation_solving (linear) x: 7 x + 1 2 = 3 x + 2 8
   subtract-then-divide  ... 4 x = 2 8 - 1 2 = 1 6 ; x = 1 6 / 4 = 4 ; ans 4
   divide-then-subtract  ... x + 1 2 / 4 = 2 8 / 4 ; x + 3 = 7 ; x = 7 - 3 = 4 ; ans 4
   inverse-ops           ... 2 8 - 1 2 = 1 6 ; 1 6 / 4 = 4 ; ans 4
-base_conversion (base)           x: 3 8 to 4               (decimal 38 into base 4)
-  repeated-division 9 r 2 ; 2 r 1 ; 0 r 2 ; ans 2 1 2              (quotient r remainder)
-  via-binary        1 9 r 0 ; 9 r 1 ; 4 r 1 ; 2 r 0 ; 1 r 0 ; 0 r 1 ; 1 0 0 1 1 0 |
-                    1 0 = 2 ; 0 1 = 1 ; 1 0 = 2 ; ans 2 1 2
-  decomposition     2 * 1 6 r 6 ; 1 * 4 r 2 ; 2 * 1 r 0 ; ans 2 1 2
+base_conversion (base)           x: 0 3 8 to 4             (decimal 38 into base 4)
+  repeated-division 0 0 9 r 2 ; 0 0 2 r 1 ; 0 0 0 r 2 ; ans 2 1 2  (quotient r remainder)
+  via-binary        0 1 9 r 0 ; 0 0 9 r 1 ; 0 0 4 r 1 ; 0 0 2 r 0 ; 0 0 1 r 0 ; 0 0 0 r 1 ;
+                    1 0 0 1 1 0 | 1 0 = 2 ; 0 1 = 1 ; 1 0 = 2 ; ans 2 1 2
+  decomposition     2 * 0 1 6 r 0 0 6 ; 1 * 0 0 4 r 0 0 2 ; 2 * 0 0 1 r 0 0 0 ; ans 2 1 2
 multidigit_addition (add)        x: 4 5 7 + 9 8 6
   right-to-left-carry    7 + 6 + 0 = 1 3 ; 5 + 8 + 1 = 1 4 ; 4 + 9 + 1 = 1 4 ; ans 1 4 4 3
   left-to-right-partials 4 + 9 = 1 3 ; 1 3 0 + 5 + 8 = 1 4 3 ; 1 4 3 0 + 7 + 6 = 1 4 4 3 ; ans 1 4 4 3
@@ -96,9 +96,9 @@ def record_tokens(x_tokens, y_tokens, latent="<z_empty>"):
     return prompt_tokens(x_tokens, latent) + list(y_tokens) + ["</y>", "<eos>"]
 
 
-def num(n):
-    """An integer as digit tokens: 38 -> ['3', '8']."""
-    return list(str(n))
+def num(n, width=0):
+    """An integer as digit tokens, padded with zeros to width: 38 -> ['3', '8'], (7, 2) -> ['0', '7']."""
+    return list(str(n).zfill(width))
 
 
 def read_int(tokens):
@@ -241,24 +241,20 @@ class ListSummation(Task):
         # trace has the same length and the operand to copy sits at a fixed offset
         self.width = len(str(n * max_value))
 
-    def digits(self, v):
-        """v as digit tokens padded with zeros to the task's width: 7 -> ['0', '7']."""
-        return list(str(v).zfill(self.width))
-
     def sample_input(self, rng):
         return [rng.randint(1, self.max_value) for _ in range(self.n)]
 
     def input_tokens(self, x):
-        tokens = self.digits(x[0])
+        tokens = num(x[0], self.width)
         for v in x[1:]:
-            tokens += ["+", *self.digits(v)]
+            tokens += ["+", *num(v, self.width)]
         return tokens
 
     def trace(self, x, strategy):
         y = []
 
         def add(a, b):
-            y.extend([*self.digits(a), "+", *self.digits(b), "=", *self.digits(a + b), ";"])
+            y.extend([*num(a, self.width), "+", *num(b, self.width), "=", *num(a + b, self.width), ";"])
             return a + b
 
         if strategy == "left-to-right":
@@ -501,6 +497,9 @@ class BaseConversion(Task):
             raise ValueError("target bases must be powers of two >= 4 (for via-binary)")
         self.max_value = max_value  # the value is drawn from 8..max_value
         self.target_bases = tuple(target_bases)
+        # every decimal number is written with max_value's digits (38 -> 0 3 8), so each step of a
+        # trace has the same length and the number it divides sits at a fixed offset
+        self.width = len(str(max_value))
 
     def sample_input(self, rng):
         return (rng.randint(8, self.max_value), rng.choice(self.target_bases))
@@ -517,7 +516,7 @@ class BaseConversion(Task):
 
     def input_tokens(self, x):
         n, target = x
-        return [*num(n), "to", str(target)]
+        return [*num(n, self.width), "to", str(target)]
 
     def trace(self, x, strategy):
         n, target = x
@@ -526,12 +525,12 @@ class BaseConversion(Task):
             q = n
             while q:
                 q, r = divmod(q, target)
-                y += [*num(q), "r", str(r), ";"]
+                y += [*num(q, self.width), "r", str(r), ";"]
         elif strategy == "via-binary":  # halve to get the bits, then group them from the right
             q = n
             while q:
                 q, r = divmod(q, 2)
-                y += [*num(q), "r", str(r), ";"]
+                y += [*num(q, self.width), "r", str(r), ";"]
             bits, width = self.digits(n, 2), target.bit_length() - 1
             bits = [0] * (-len(bits) % width) + bits
             y += [str(b) for b in bits] + ["|"]
@@ -542,7 +541,7 @@ class BaseConversion(Task):
             rest = n
             for p in reversed(range(len(self.digits(n, target)))):
                 d, rest = divmod(rest, target ** p)
-                y += [str(d), "*", *num(target ** p), "r", *num(rest), ";"]
+                y += [str(d), "*", *num(target ** p, self.width), "r", *num(rest, self.width), ";"]
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return y + ["ans"] + [str(d) for d in self.digits(n, target)]

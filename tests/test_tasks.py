@@ -121,6 +121,17 @@ def test_worked_example_sum_numbers_have_one_width():
     assert {len(step.split()) for step in y.split(" ; ")[:-1]} == {8}
 
 
+def test_worked_example_base_numbers_have_one_width():
+    """Every decimal number has max_value's three digits, so every division step is 5 tokens before its `;`."""
+    task = get_task("base")
+    assert " ".join(task.input_tokens((38, 4))) == "0 3 8 to 4"
+    y = " ".join(task.trace((38, 4), "repeated-division"))
+    assert y == "0 0 9 r 2 ; 0 0 2 r 1 ; 0 0 0 r 2 ; ans 2 1 2"
+    halvings = " ".join(task.trace((38, 4), "via-binary")).split(" ; ")[:6]
+    assert {len(step.split()) for step in halvings} == {5}
+    assert task.parse_answer(task.trace((38, 4), "decomposition")) == "212"
+
+
 def test_worked_example_sorting_states_are_real():
     """Bubble sort on 3 1 4 0 2 5: pass 1 bubbles 4 past 0 and 2, giving 1 3 0 2 4 5."""
     y = get_task("sort").trace([3, 1, 4, 0, 2, 5], "bubble-sort")
