@@ -531,11 +531,11 @@ class BaseConversion(Task):
             while q:
                 q, r = divmod(q, 2)
                 y += [*num(q, self.width), "r", str(r), ";"]
-            bits, width = self.digits(n, 2), target.bit_length() - 1
-            bits = [0] * (-len(bits) % width) + bits
+            bits, group_size = self.digits(n, 2), target.bit_length() - 1  # bits per target digit
+            bits = [0] * (-len(bits) % group_size) + bits
             y += [str(b) for b in bits] + ["|"]
-            for i in range(0, len(bits), width):
-                group = bits[i:i + width]
+            for i in range(0, len(bits), group_size):
+                group = bits[i:i + group_size]
                 y += [str(b) for b in group] + ["=", str(int("".join(map(str, group)), 2)), ";"]
         elif strategy == "decomposition":  # greedy: digit * power of the target base, remainder
             rest = n
