@@ -491,11 +491,12 @@ class BaseConversion(Task):
     name, alias = "base_conversion", "base"
     strategies = ("repeated-division", "via-binary", "decomposition")
 
-    def __init__(self, mixture="uniform", max_value=255, target_bases=(4, 8)):
+    def __init__(self, mixture="uniform", max_value=999, target_bases=(4, 8)):
         super().__init__(mixture)
         if any(b & (b - 1) or b < 4 for b in target_bases):
             raise ValueError("target bases must be powers of two >= 4 (for via-binary)")
-        self.max_value = max_value  # the value is drawn from 8..max_value
+        # the value is drawn from 8..max_value; 8..255 is 496 inputs, few enough to memorise
+        self.max_value = max_value
         self.target_bases = tuple(target_bases)
         # every decimal number is written with max_value's digits (38 -> 0 3 8), so each step of a
         # trace has the same length and the number it divides sits at a fixed offset
