@@ -538,11 +538,12 @@ class BaseConversion(Task):
             for i in range(0, len(bits), group_size):
                 group = bits[i:i + group_size]
                 y += [str(b) for b in group] + ["=", str(int("".join(map(str, group)), 2)), ";"]
-        elif strategy == "decomposition":  # greedy: digit * power of the target base, remainder
+        elif strategy == "decomposition":  # greedy: digit * power of the target base = product, remainder
             rest = n
             for p in reversed(range(len(self.digits(n, target)))):
                 d, rest = divmod(rest, target ** p)
-                y += [str(d), "*", *num(target ** p, self.width), "r", *num(rest, self.width), ";"]
+                y += [str(d), "*", *num(target ** p, self.width), "=", *num(d * target ** p, self.width), "r",
+                      *num(rest, self.width), ";"]
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return y + ["ans"] + [str(d) for d in self.digits(n, target)]

@@ -130,6 +130,7 @@ def test_worked_example_base_numbers_have_one_width():
     halvings = " ".join(task.trace((38, 4), "via-binary")).split(" ; ")[:6]
     assert {len(step.split()) for step in halvings} == {5}
     assert task.parse_answer(task.trace((38, 4), "decomposition")) == "212"
+    assert " ".join(task.trace((168, 8), "decomposition")).startswith("2 * 0 6 4 = 1 2 8 r 0 4 0 ;")
 
 
 def test_worked_example_sorting_states_are_real():
