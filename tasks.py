@@ -43,7 +43,8 @@ base_conversion (base)           x: 0 3 8 to 4             (decimal 38 into base
   repeated-division 0 0 9 r 2 ; 0 0 2 r 1 ; 0 0 0 r 2 ; ans 2 1 2  (quotient r remainder)
   via-binary        0 1 9 r 0 ; 0 0 9 r 1 ; 0 0 4 r 1 ; 0 0 2 r 0 ; 0 0 1 r 0 ; 0 0 0 r 1 ;
                     1 0 0 1 1 0 | 1 0 = 2 ; 0 1 = 1 ; 1 0 = 2 ; ans 2 1 2
-  decomposition     2 * 0 1 6 r 0 0 6 ; 1 * 0 0 4 r 0 0 2 ; 2 * 0 0 1 r 0 0 0 ; ans 2 1 2
+  decomposition     2 * 0 1 6 = 0 3 2 r 0 0 6 ; 1 * 0 0 4 = 0 0 4 r 0 0 2 ;
+                    2 * 0 0 1 = 0 0 2 r 0 0 0 ; ans 2 1 2
 multidigit_addition (add)        x: 4 5 7 + 9 8 6
   right-to-left-carry    7 + 6 + 0 = 1 3 ; 5 + 8 + 1 = 1 4 ; 4 + 9 + 1 = 1 4 ; ans 1 4 4 3
   left-to-right-partials 4 + 9 = 1 3 ; 1 3 0 + 5 + 8 = 1 4 3 ; 1 4 3 0 + 7 + 6 = 1 4 4 3 ; ans 1 4 4 3
