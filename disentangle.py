@@ -14,6 +14,7 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
     J = R + beta K + aux                                                             objective
     R  -E_q[log p_psi(y|x,z)], tokens weighted by token_weights, optionally normalized_recon
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
+       --hard-em: q = one_hot(argmax_k log p_psi(y|x,k)), classification EM    hard_assignment
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
     K  KL(q_xi(z|x,y) || p_phi(z|x))   categorical_kl, gaussian_kl, mixture_kl (sampled); free_bits_kl
     aux, each behind its flag, times that flag's weight:
@@ -25,12 +26,16 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
       --jsd                 - sum_t JSD_t(p_psi(y_t|x,y_<t,z=1..K))        jsd_loss, prefix_posterior
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
-Three moves outside the gradient make discovery reliable where the ELBO alone stalls
-(docs/experiments.md): --cluster-init M starts the posterior from k-means on M whitened principal
-components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
-sends pairs to the latent whose generator rates them highest (reassign_clusters); --starts N
-trains N starts to --start-steps and goes on with the one whose hard-EM objective
-max_k [log p_psi(y|x,k) + log p_phi(k|x)] is highest (select_start), without labels.
+Discrete discovery rests on hard EM (docs/experiments.md). With --hard-em each pair trains only
+the generator of the latent that rates its y highest (hard_assignment): a latent that writes one
+strategy a little more often gets that strategy's traces and writes it more often still, while
+under q a latent whose posterior splits pairs by anything but the strategy learns a blend of
+traces. Three moves outside the gradient: --cluster-init M starts the posterior from k-means on
+M whitened principal components of its features (cluster_posterior); --reassign N, the
+classification step for the posterior, fits it to the latent whose generator rates each pair
+highest (reassign_clusters); --starts N trains N starts to --start-steps and goes on with the one
+whose hard-EM objective max_k [log p_psi(y|x,k) + log p_phi(k|x)] is highest (select_start),
+without labels.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
@@ -99,6 +104,7 @@ class Config:
     cluster_init: int = arg(0, "k-means start of the posterior on this many whitened components; freezes its backbone")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half, a hard-EM reassignment (0: off)")
+    hard_em: bool = arg(False, "discrete: recon trains each pair's latent of highest log p_psi(y|x,k), not sum_k q_k")
     starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
@@ -111,7 +117,8 @@ class Config:
     def ignored(self):
         """The settings that this configuration does not read: {name: the setting that makes it so}."""
         other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
-                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts")}[self.latent]
+                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts",
+                                "hard_em")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
         ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
         ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
@@ -146,9 +153,10 @@ class Config:
 
 def latent_recipe(latent, n_strategies):
     """What a latent type adds to the Config defaults on every task (docs/experiments.md). Discrete:
-    the k-means start on 4 (S + 1) components, the hard-EM step, three starts chosen at step 600."""
+    classification EM, the k-means start on 4 (S + 1) components, the hard-EM step, three starts
+    chosen at step 600."""
     if latent == "discrete":
-        return {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1,
+        return {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1, "hard_em": True,
                 "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 3}
     return {"router_marginal_kl": 1.0}
 
@@ -252,6 +260,12 @@ def token_weights(mask, entropy_share, token_weighted):
 def discrete_recon_loss(q, token_logp, weights):
     """R = -sum_k q_k sum_t w_t log p_psi(y_t|x,y_<t,k): q (B, K), token_logp (B, K, T-1), weights (B, T-1)."""
     return -(q * (token_logp * weights[:, None]).sum(-1)).sum(-1)
+
+
+def hard_assignment(token_logp):
+    """The classification E-step: one_hot(argmax_k log p_psi(y|x,k)) (B, K) from token_logp (B, K, T-1).
+    The router is left out (uniform), so no latent wins pairs by its prior alone; no gradient."""
+    return F.one_hot(token_logp.detach().sum(-1).argmax(-1), token_logp.shape[1]).float()
 
 
 def continuous_recon_loss(token_logp, weights):
@@ -415,7 +429,9 @@ def objective(fact, base, batch, cfg):
     if cfg.latent == "discrete":
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
-        recon, raw_recon = discrete_recon_loss(q, p.token_logp, weights), discrete_recon_loss(q, p.token_logp, mask)
+        recon_q = hard_assignment(p.token_logp) if cfg.hard_em else q  # (B, K) the weights R trains with
+        recon = discrete_recon_loss(recon_q, p.token_logp, weights)
+        raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)
         if cfg.posterior_entropy:
             aux["aux/posterior_entropy"] = cfg.posterior_entropy * posterior_entropy_loss(p.posterior_logq).mean()

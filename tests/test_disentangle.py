@@ -295,6 +295,30 @@ def test_a_frozen_posterior_reads_the_base_models_states(tiny_base):
                           atol=1e-6)
 
 
+def test_hard_assignment_picks_the_latent_of_highest_likelihood():
+    token_logp = torch.tensor([[[-1.0, -2.0], [-0.5, -0.4], [-3.0, 0.0]],
+                               [[-0.1, -0.1], [-2.0, -2.0], [-0.3, -0.2]]], requires_grad=True)  # (B=2, K=3, T=2)
+    assert D.hard_assignment(token_logp).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert not D.hard_assignment(token_logp).requires_grad
+
+
+def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
+    fact, ckpt = tiny_fact(tiny_base)
+    task, pairs = grid_pairs(4)
+    batch = D.make_batch(task, pairs, 3, "cpu")
+    base = D.model_from_checkpoint(ckpt).eval()
+    p = D.discrete_pass(fact, batch)
+    best = p.token_logp.sum(-1).argmax(-1)  # (B,)
+    stats = D.base_token_stats(base, batch)
+    weights, _ = D.token_weights(batch["base_mask"].float(), stats.entropy_share, True)
+    best_recon = -(p.token_logp[torch.arange(4), best] * weights).sum(-1).mean()
+    hard = D.objective(fact, base, batch, D.Config(hard_em=True))
+    soft = D.objective(fact, base, batch, D.Config())
+    assert float(hard.terms["loss/recon"]) == pytest.approx(best_recon.item(), rel=1e-5)
+    assert float(hard.terms["loss/recon"]) != pytest.approx(float(soft.terms["loss/recon"]), rel=1e-5)
+    assert float(hard.terms["loss/kl"]) == pytest.approx(float(soft.terms["loss/kl"]), rel=1e-6)  # KL keeps q
+
+
 def test_objective_is_the_sum_of_its_terms(tiny_base):
     fact, ckpt = tiny_fact(tiny_base)
     task, pairs = grid_pairs(4)
@@ -441,7 +465,7 @@ def test_no_flag_config_is_the_recipe():
     assert all(settings == one_recipe["grid"] for settings in one_recipe.values())  # one discrete recipe
     assert {task: cfg.cluster_init for task, cfg in discrete.items()} == \
         {"grid": 16, "sort": 24, "add": 16, "linear": 16, "sum": 16, "base": 16}  # 4 (S + 1) for S strategies
-    assert (discrete["grid"].starts, discrete["grid"].start_steps) == (3, 600)
+    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (3, 600, True)
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp")
