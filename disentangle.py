@@ -103,7 +103,8 @@ class Config:
     posterior_variance: float = arg(0.0, "continuous: weight of the mean posterior variance")
     cluster_init: int = arg(0, "k-means start of the posterior on this many whitened components; freezes its backbone")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
-    reassign: int = arg(0, "with --cluster-init: every N steps of the first half, a hard-EM reassignment (0: off)")
+    reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
+                           "a hard-EM reassignment (0: off)")
     hard_em: bool = arg(False, "discrete: recon trains each pair's latent of highest log p_psi(y|x,k), not sum_k q_k")
     starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
@@ -706,7 +707,9 @@ def train_steps(fact, base, task, optimizer, cfg, device, first, last, log, afte
     for step in tqdm(range(first, last), initial=first, total=last, desc=f"{cfg.latent} {task.alias}", disable=None):
         obj = train_step(fact, base, task, optimizer, cfg, step, device, cfg.cluster_init and step < cfg.cluster_hold)
         done = step + 1
-        if cfg.reassign and done % cfg.reassign == 0 and done <= cfg.steps // 2:
+        # under hard EM the generators never read q, so its refits can go on to the last step
+        refit_until = cfg.steps if cfg.hard_em else cfg.steps // 2
+        if cfg.reassign and done % cfg.reassign == 0 and done <= refit_until:
             moved = reassign_clusters(fact, base, task, cfg, done)
             tqdm.write(f"step {done}: {moved:.1%} of pairs moved to the cluster the generator rates highest")
             log({"step": done, "reassign/moved": moved})
