@@ -14,7 +14,7 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
     J = R + beta K + aux                                                             objective
     R  -E_q[log p_psi(y|x,z)], tokens weighted by token_weights, optionally normalized_recon
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
-       --hard-em: q = one_hot(argmax_k log p_psi(y|x,k)), classification EM    hard_assignment
+       --hard-em: q = one_hot(argmax_k [log p_psi(y|x,k) + log q]), classification EM  hard_assignment
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
     K  KL(q_xi(z|x,y) || p_phi(z|x))   categorical_kl, gaussian_kl, mixture_kl (sampled); free_bits_kl
     aux, each behind its flag, times that flag's weight:
@@ -27,10 +27,11 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
 Discrete discovery rests on hard EM (docs/experiments.md). With --hard-em each pair trains only
-the generator of the latent that rates its y highest (hard_assignment): a latent that writes one
-strategy a little more often gets that strategy's traces and writes it more often still, while
-under q a latent whose posterior splits pairs by anything but the strategy learns a blend of
-traces. Three moves outside the gradient: --cluster-init M starts the posterior from k-means on
+the generator of the latent k* = argmax_k [log p_psi(y|x,k) + log q(k|x,y)] (hard_assignment): a
+latent that writes one strategy a little more often gets that strategy's traces and writes it
+more often still, while under the soft q a latent whose posterior splits pairs by anything but
+the strategy learns a blend of traces; q's share of the vote keeps a latent's name the same
+across inputs. Three moves outside the gradient: --cluster-init M starts the posterior from k-means on
 M whitened principal components of its features (cluster_posterior); --reassign N, the
 classification step for the posterior, fits it to the latent whose generator rates each pair
 highest (reassign_clusters); --starts N trains N starts to --start-steps and goes on with the one
@@ -39,7 +40,7 @@ without labels.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 14 minutes on one core of a 2-core CPU
+    python disentangle.py --task grid --latent discrete   # 7 minutes on one core of a 2-core CPU
     python disentangle.py --latent continuous             # grid, 9 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
@@ -105,7 +106,7 @@ class Config:
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
                            "a hard-EM reassignment (0: off)")
-    hard_em: bool = arg(False, "discrete: recon trains each pair's latent of highest log p_psi(y|x,k), not sum_k q_k")
+    hard_em: bool = arg(False, "discrete: recon trains only each pair's latent of highest log p_psi(y|x,k) + log q")
     starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
@@ -263,10 +264,13 @@ def discrete_recon_loss(q, token_logp, weights):
     return -(q * (token_logp * weights[:, None]).sum(-1)).sum(-1)
 
 
-def hard_assignment(token_logp):
-    """The classification E-step: one_hot(argmax_k log p_psi(y|x,k)) (B, K) from token_logp (B, K, T-1).
-    The router is left out (uniform), so no latent wins pairs by its prior alone; no gradient."""
-    return F.one_hot(token_logp.detach().sum(-1).argmax(-1), token_logp.shape[1]).float()
+def hard_assignment(token_logp, posterior_logq):
+    """The classification E-step: one_hot(argmax_k [log p_psi(y|x,k) + log q(k|x,y)]) (B, K) from
+    token_logp (B, K, T-1) and posterior_logq (B, K); no gradient. The router is left out (uniform),
+    so no latent wins pairs by its prior alone. q, one linear head on the pooled features for every
+    input, keeps each latent's name the same across inputs where the generators alone could swap it."""
+    scores = token_logp.detach().sum(-1) + posterior_logq.detach()  # (B, K)
+    return F.one_hot(scores.argmax(-1), token_logp.shape[1]).float()
 
 
 def continuous_recon_loss(token_logp, weights):
@@ -430,7 +434,8 @@ def objective(fact, base, batch, cfg):
     if cfg.latent == "discrete":
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
-        recon_q = hard_assignment(p.token_logp) if cfg.hard_em else q  # (B, K) the weights R trains with
+        # (B, K) the weights R trains with
+        recon_q = hard_assignment(p.token_logp, p.posterior_logq) if cfg.hard_em else q
         recon = discrete_recon_loss(recon_q, p.token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)

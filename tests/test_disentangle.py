@@ -295,11 +295,15 @@ def test_a_frozen_posterior_reads_the_base_models_states(tiny_base):
                           atol=1e-6)
 
 
-def test_hard_assignment_picks_the_latent_of_highest_likelihood():
+def test_hard_assignment_adds_the_posterior_to_the_generators_evidence():
     token_logp = torch.tensor([[[-1.0, -2.0], [-0.5, -0.4], [-3.0, 0.0]],
                                [[-0.1, -0.1], [-2.0, -2.0], [-0.3, -0.2]]], requires_grad=True)  # (B=2, K=3, T=2)
-    assert D.hard_assignment(token_logp).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
-    assert not D.hard_assignment(token_logp).requires_grad
+    uniform = torch.full((2, 3), -math.log(3))
+    assert D.hard_assignment(token_logp, uniform).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    # the second pair's latents 0 and 2 differ by 0.3 nats: a posterior 1 nat surer of latent 2 decides it
+    assert D.hard_assignment(token_logp, uniform + torch.tensor([0.0, 0.0, 1.0])).tolist() == \
+        [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert not D.hard_assignment(token_logp, uniform).requires_grad
 
 
 def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
@@ -308,7 +312,7 @@ def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
     batch = D.make_batch(task, pairs, 3, "cpu")
     base = D.model_from_checkpoint(ckpt).eval()
     p = D.discrete_pass(fact, batch)
-    best = p.token_logp.sum(-1).argmax(-1)  # (B,)
+    best = (p.token_logp.sum(-1) + p.posterior_logq).argmax(-1)  # (B,)
     stats = D.base_token_stats(base, batch)
     weights, _ = D.token_weights(batch["base_mask"].float(), stats.entropy_share, True)
     best_recon = -(p.token_logp[torch.arange(4), best] * weights).sum(-1).mean()
