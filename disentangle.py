@@ -26,21 +26,18 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
       --jsd                 - sum_t JSD_t(p_psi(y_t|x,y_<t,z=1..K))        jsd_loss, prefix_posterior
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
-Discrete discovery rests on hard EM (docs/experiments.md). With --hard-em each pair trains only
-the generator of the latent k* = argmax_k [log p_psi(y|x,k) + log q(k|x,y)] (hard_assignment): a
-latent that writes one strategy a little more often gets that strategy's traces and writes it
-more often still, while under the soft q a latent whose posterior splits pairs by anything but
-the strategy learns a blend of traces; q's share of the vote keeps a latent's name the same
-across inputs. Three moves outside the gradient: --cluster-init M starts the posterior from k-means on
-M whitened principal components of its features (cluster_posterior); --reassign N, the
-classification step for the posterior, fits it to the latent whose generator rates each pair
-highest (reassign_clusters); --starts N trains N starts to --start-steps and goes on with the one
-whose hard-EM objective max_k [log p_psi(y|x,k) + log p_phi(k|x)] is highest (select_start),
-without labels.
+Three moves outside the gradient make discovery reliable where the ELBO alone stalls
+(docs/experiments.md): --cluster-init M starts the posterior from k-means on M whitened principal
+components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
+sends pairs to the latent whose generator rates them highest (reassign_clusters); --starts N
+trains N starts to --start-steps and goes on with the one whose hard-EM objective
+max_k [log p_psi(y|x,k) + log p_phi(k|x)] is highest (select_start), without labels. With
+--hard-em (classification EM in every step, measured but not yet in the recipe) each pair trains
+only the generator of k* = argmax_k [log p_psi(y|x,k) + log q(k|x,y)] (hard_assignment).
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 7 minutes on one core of a 2-core CPU
+    python disentangle.py --task grid --latent discrete   # 14 minutes on one core of a 2-core CPU
     python disentangle.py --latent continuous             # grid, 9 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
@@ -155,10 +152,9 @@ class Config:
 
 def latent_recipe(latent, n_strategies):
     """What a latent type adds to the Config defaults on every task (docs/experiments.md). Discrete:
-    classification EM, the k-means start on 4 (S + 1) components, the hard-EM step, three starts
-    chosen at step 600."""
+    the k-means start on 4 (S + 1) components, the hard-EM step, three starts chosen at step 600."""
     if latent == "discrete":
-        return {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1, "hard_em": True,
+        return {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1,
                 "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 3}
     return {"router_marginal_kl": 1.0}
 
@@ -712,7 +708,7 @@ def train_steps(fact, base, task, optimizer, cfg, device, first, last, log, afte
     for step in tqdm(range(first, last), initial=first, total=last, desc=f"{cfg.latent} {task.alias}", disable=None):
         obj = train_step(fact, base, task, optimizer, cfg, step, device, cfg.cluster_init and step < cfg.cluster_hold)
         done = step + 1
-        # under hard EM the generators never read q, so its refits can go on to the last step
+        # under hard EM the generators learn their own assignment, which q's refits can follow to the end
         refit_until = cfg.steps if cfg.hard_em else cfg.steps // 2
         if cfg.reassign and done % cfg.reassign == 0 and done <= refit_until:
             moved = reassign_clusters(fact, base, task, cfg, done)

@@ -469,7 +469,7 @@ def test_no_flag_config_is_the_recipe():
     assert all(settings == one_recipe["grid"] for settings in one_recipe.values())  # one discrete recipe
     assert {task: cfg.cluster_init for task, cfg in discrete.items()} == \
         {"grid": 16, "sort": 24, "add": 16, "linear": 16, "sum": 16, "base": 16}  # 4 (S + 1) for S strategies
-    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (3, 600, True)
+    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (3, 600, False)
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp")
