@@ -14,7 +14,7 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
     J = R + beta K + aux                                                             objective
     R  -E_q[log p_psi(y|x,z)], tokens weighted by token_weights, optionally normalized_recon
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
-       --hard-em: q = one_hot(argmax_k [log p_psi(y|x,k) + log q]), classification EM  hard_assignment
+       --hard-em: q = one_hot(argmax_k log p_psi(y|x,k)), classification EM          hard_assignment
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
     K  KL(q_xi(z|x,y) || p_phi(z|x))   categorical_kl, gaussian_kl, mixture_kl (sampled); free_bits_kl
     aux, each behind its flag, times that flag's weight:
@@ -30,14 +30,14 @@ Three moves outside the gradient make discovery reliable where the ELBO alone st
 (docs/experiments.md): --cluster-init M starts the posterior from k-means on M whitened principal
 components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
 sends pairs to the latent whose generator rates them highest (reassign_clusters); --starts N
-trains N starts to --start-steps and goes on with the one whose hard-EM objective
-max_k [log p_psi(y|x,k) + log p_phi(k|x)] is highest (select_start), without labels. With
---hard-em (classification EM in every step, measured but not yet in the recipe) each pair trains
-only the generator of k* = argmax_k [log p_psi(y|x,k) + log q(k|x,y)] (hard_assignment).
+trains N starts to --start-steps and goes on with the one whose hard-EM objective under the
+posterior, max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (select_start), without labels.
+With --hard-em (classification EM, the discrete recipe) each pair trains only the generator of
+k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 14 minutes on one core of a 2-core CPU
+    python disentangle.py --task grid --latent discrete   # 5-8 minutes on one core of a 2-core CPU
     python disentangle.py --latent continuous             # grid, 9 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluate import (factorization_metrics, fit_probes, generate_ys, hard_em_objective, latent_log_likelihoods,
-                      latent_loss_ratios, posterior_distribution, router_distribution, save_posterior_snapshot)
+                      latent_loss_ratios, posterior_distribution, save_posterior_snapshot)
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
                    load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
                    pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
@@ -103,7 +103,7 @@ class Config:
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
                            "a hard-EM reassignment (0: off)")
-    hard_em: bool = arg(False, "discrete: recon trains only each pair's latent of highest log p_psi(y|x,k) + log q")
+    hard_em: bool = arg(False, "discrete: recon trains only each pair's latent of highest log p_psi(y|x,k)")
     starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
@@ -152,9 +152,10 @@ class Config:
 
 def latent_recipe(latent, n_strategies):
     """What a latent type adds to the Config defaults on every task (docs/experiments.md). Discrete:
-    the k-means start on 4 (S + 1) components, the hard-EM step, three starts chosen at step 600."""
+    classification EM without the JSD, the posterior started by k-means on 4 (S + 1) components and
+    refitted every 300 steps, three starts chosen at step 600."""
     if latent == "discrete":
-        return {"jsd": 1.0, "router_marginal_kl": 10.0, "router_support": 0.1,
+        return {"hard_em": True, "router_marginal_kl": 10.0, "router_support": 0.1,
                 "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 3}
     return {"router_marginal_kl": 1.0}
 
@@ -260,13 +261,13 @@ def discrete_recon_loss(q, token_logp, weights):
     return -(q * (token_logp * weights[:, None]).sum(-1)).sum(-1)
 
 
-def hard_assignment(token_logp, posterior_logq):
-    """The classification E-step: one_hot(argmax_k [log p_psi(y|x,k) + log q(k|x,y)]) (B, K) from
-    token_logp (B, K, T-1) and posterior_logq (B, K); no gradient. The router is left out (uniform),
-    so no latent wins pairs by its prior alone. q, one linear head on the pooled features for every
-    input, keeps each latent's name the same across inputs where the generators alone could swap it."""
-    scores = token_logp.detach().sum(-1) + posterior_logq.detach()  # (B, K)
-    return F.one_hot(scores.argmax(-1), token_logp.shape[1]).float()
+def hard_assignment(token_logp):
+    """The classification E-step: one_hot(argmax_k log p_psi(y|x,k)) (B, K) from token_logp
+    (B, K, T-1); no gradient. The prior is uniform (the router is left out), so no latent wins pairs
+    by its prior alone, and so is q: a posterior that splits pairs by anything but the strategy
+    would teach the generators blends. A latent that writes a strategy slightly more often gets more
+    of its traces and writes it more often still."""
+    return F.one_hot(token_logp.detach().sum(-1).argmax(-1), token_logp.shape[1]).float()
 
 
 def continuous_recon_loss(token_logp, weights):
@@ -431,7 +432,7 @@ def objective(fact, base, batch, cfg):
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
         # (B, K) the weights R trains with
-        recon_q = hard_assignment(p.token_logp, p.posterior_logq) if cfg.hard_em else q
+        recon_q = hard_assignment(p.token_logp) if cfg.hard_em else q
         recon = discrete_recon_loss(recon_q, p.token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)
@@ -729,7 +730,7 @@ class Start:
     optimizer: torch.optim.Optimizer
     records: list  # its log lines
     torch_rng: torch.Tensor  # the RNG state to continue from
-    hard_em_objective: float  # on the "select" pairs, which every start shares
+    hard_em_objective: float  # under the posterior, on the "select" pairs, which every start shares
 
 
 def start_seed(seed, start):
@@ -738,7 +739,11 @@ def start_seed(seed, start):
 
 def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     """The first cfg.start_steps steps of the run with seed start_seed(cfg.seed, start) (initialisation,
-    clusters and data), scored by the hard-EM objective max_k [log p_psi(y|x,k) + log p_phi(k|x)]."""
+    clusters and data), scored by the hard-EM objective under the posterior,
+    mean max_k [log p_psi(y|x,k) + log q(k|x,y)]. With deterministic traces it is near 0 when each
+    latent writes one strategy under the same name on every input, since q, one linear head on the
+    pooled features, can then name each trace's latent; it is lower for an entangled factorization
+    (the generators' evidence) and for one whose latents swap strategies from input to input (q's)."""
     start_cfg = replace(cfg, seed=start_seed(cfg.seed, start))
     seed_everything(start_cfg.seed)
     fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
@@ -748,8 +753,8 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     train_steps(fact, base, task, optimizer, start_cfg, device, 0, cfg.start_steps, records.append)
     torch_rng = torch.get_rng_state()
     pairs = training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS)
-    router_logp = router_distribution(fact, task, [x for x, _ in pairs]).log()
-    score = hard_em_objective(latent_log_likelihoods(fact, task, pairs), router_logp)
+    posterior_logq = posterior_distribution(fact, task, pairs).clamp(min=1e-12).log()  # (N, K)
+    score = hard_em_objective(latent_log_likelihoods(fact, task, pairs), posterior_logq)
     fact.train()
     return Start(fact, optimizer, records, torch_rng, score)
 

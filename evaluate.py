@@ -467,12 +467,14 @@ def latent_log_likelihoods(fact, task, pairs, z=None):
     return torch.stack([record_log_probs(fact.lm, task, xs, ys, latent=zc.expand(len(xs), -1)) for zc in z], 1)
 
 
-def hard_em_objective(latent_logp, router_logp):
-    """mean over pairs of max_k [log p_psi(y|x,k) + log p_phi(k|x)], from (N, K) each: the objective of
-    a hard assignment, computed without strategy labels. With deterministic traces and a uniform
-    router it is -log K for a disentangled factorization (each trace written by one latent) and
-    -2 log K for an entangled one (every latent writes the mixture)."""
-    return (latent_logp + router_logp).max(1).values.mean().item()
+def hard_em_objective(latent_logp, log_prior):
+    """mean over pairs of max_k [log p_psi(y|x,k) + log_prior_k], from (N, K) each: the objective of
+    a hard assignment, computed without strategy labels. With the router's log p_phi(k|x), deterministic
+    traces and a uniform router, it is -log K for a disentangled factorization (each trace written by
+    one latent) and -2 log K for an entangled one (every latent writes the mixture). With the
+    posterior's log q(k|x,y) it also sees whether each latent keeps its name across inputs
+    (disentangle.train_start)."""
+    return (latent_logp + log_prior).max(1).values.mean().item()
 
 
 def latent_loss_ratios(fact, base, task, pairs):

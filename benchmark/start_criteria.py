@@ -7,7 +7,8 @@ labelled metrics, at two steps of each start: how well would each criterion choo
 
 For each start (seed, seed+1000, ..) of `disentangle.py --task TASK --seed SEED` it trains the
 recipe to each step in --steps and prints one JSON line: on the 512 "select" pairs the run's
-choice reads, the hard-EM objective (the recipe's criterion), the same under a uniform router,
+choice reads, the hard-EM objective under the posterior (the recipe's criterion), under the router and under a
+uniform router,
 the log marginal likelihood and the posterior entropy; on held-out inputs, alignment, coverage
 and router accuracy. About 10 minutes per start on grid, on one core.
 """
@@ -22,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import disentangle as D  # noqa: E402
-from evaluate import factorization_metrics, hard_em_objective, latent_log_likelihoods, router_distribution  # noqa: E402
+from evaluate import (factorization_metrics, hard_em_objective, latent_log_likelihoods,  # noqa: E402
+                      posterior_distribution, router_distribution)
 
 LABELLED = ("alignment_one_to_one", "local_strategy_full_coverage_rate", "router/answer_accuracy")
 
@@ -33,7 +35,9 @@ def criteria(fact, task, pairs):
     router_logp = router_distribution(fact, task, [x for x, _ in pairs]).log()  # (N, K)
     joint = latent_logp + router_logp
     posterior = joint.log_softmax(1)
-    return {"hard_em": hard_em_objective(latent_logp, router_logp),
+    posterior_logq = posterior_distribution(fact, task, pairs).clamp(min=1e-12).log()  # (N, K)
+    return {"hard_em_posterior": hard_em_objective(latent_logp, posterior_logq),
+            "hard_em": hard_em_objective(latent_logp, router_logp),
             "hard_em_uniform_router": hard_em_objective(latent_logp, torch.full_like(joint, -math.log(fact.K))),
             "log_marginal": torch.logsumexp(joint, 1).mean().item(),
             "posterior_entropy": -(posterior.exp() * posterior).sum(1).mean().item()}

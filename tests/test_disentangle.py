@@ -295,15 +295,12 @@ def test_a_frozen_posterior_reads_the_base_models_states(tiny_base):
                           atol=1e-6)
 
 
-def test_hard_assignment_adds_the_posterior_to_the_generators_evidence():
+def test_hard_assignment_is_the_latent_the_generator_rates_highest():
     token_logp = torch.tensor([[[-1.0, -2.0], [-0.5, -0.4], [-3.0, 0.0]],
                                [[-0.1, -0.1], [-2.0, -2.0], [-0.3, -0.2]]], requires_grad=True)  # (B=2, K=3, T=2)
-    uniform = torch.full((2, 3), -math.log(3))
-    assert D.hard_assignment(token_logp, uniform).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
-    # the second pair's latents 0 and 2 differ by 0.3 nats: a posterior 1 nat surer of latent 2 decides it
-    assert D.hard_assignment(token_logp, uniform + torch.tensor([0.0, 0.0, 1.0])).tolist() == \
-        [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-    assert not D.hard_assignment(token_logp, uniform).requires_grad
+    # summed over y: pair 0 rates latent 1 (-0.9) highest, pair 1 latent 0 (-0.2) by 0.3 nats
+    assert D.hard_assignment(token_logp).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert not D.hard_assignment(token_logp).requires_grad
 
 
 def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
@@ -312,7 +309,7 @@ def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
     batch = D.make_batch(task, pairs, 3, "cpu")
     base = D.model_from_checkpoint(ckpt).eval()
     p = D.discrete_pass(fact, batch)
-    best = (p.token_logp.sum(-1) + p.posterior_logq).argmax(-1)  # (B,)
+    best = p.token_logp.sum(-1).argmax(-1)  # (B,)
     stats = D.base_token_stats(base, batch)
     weights, _ = D.token_weights(batch["base_mask"].float(), stats.entropy_share, True)
     best_recon = -(p.token_logp[torch.arange(4), best] * weights).sum(-1).mean()
@@ -462,14 +459,15 @@ def test_no_flag_config_is_the_recipe():
             assert vars(cfg) == expected
     assert resolved([]) == resolved(["--task", "grid", "--latent", "discrete"])
     sort = resolved(["--task", "sort"])
-    assert (sort.cluster_init, sort.reassign, sort.steps, sort.jsd, sort.token_weighted) == (24, 300, 2400, 1.0, True)
+    assert (sort.cluster_init, sort.reassign, sort.steps, sort.jsd, sort.hard_em, sort.token_weighted) == \
+        (24, 300, 2400, 0.0, True, True)
     discrete = {task: resolved(["--task", task]) for task in ("grid", "sort", "add", "linear", "sum", "base")}
     one_recipe = {task: {k: v for k, v in vars(cfg).items() if k not in ("task", "steps", "cluster_init")}
                   for task, cfg in discrete.items()}
     assert all(settings == one_recipe["grid"] for settings in one_recipe.values())  # one discrete recipe
     assert {task: cfg.cluster_init for task, cfg in discrete.items()} == \
         {"grid": 16, "sort": 24, "add": 16, "linear": 16, "sum": 16, "base": 16}  # 4 (S + 1) for S strategies
-    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (3, 600, False)
+    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (3, 600, True)
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp")

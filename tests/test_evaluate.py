@@ -65,6 +65,23 @@ def test_hard_em_objective_prefers_the_disentangled_factorization():
     assert math.isclose(hard_em_objective(mixture, router), -2 * math.log(3), rel_tol=1e-6)
 
 
+def test_hard_em_objective_under_the_posterior_sees_latents_that_swap_names():
+    """Under the generators alone, latents that trade strategies on some inputs score as well as
+    latents that keep their names; a posterior that names the strategies alike on every input (one
+    linear head) scores the swapped inputs' traces low under their own latent."""
+    K, n = 3, 12
+    strategy = torch.arange(n) % K
+    consistent = torch.full((n, K), -30.0)
+    consistent[torch.arange(n), strategy] = 0.0
+    swapped = consistent.clone()
+    swapped[:6] = swapped[:6, [1, 0, 2]]  # latents 0 and 1 trade strategies on half the inputs
+    uniform_router = torch.full((n, K), -math.log(K))
+    assert hard_em_objective(swapped, uniform_router) == hard_em_objective(consistent, uniform_router)
+    posterior = torch.full((n, K), 0.05).index_put_((torch.arange(n), strategy), torch.tensor(0.9)).log()
+    assert math.isclose(hard_em_objective(consistent, posterior), math.log(0.9), rel_tol=1e-6)
+    assert hard_em_objective(swapped, posterior) < hard_em_objective(consistent, posterior) - 0.5
+
+
 def test_excess_nll_hand_built():
     """
     A uniform model gives log p(y|x) = -(len(y) + 2) log V (y, </y>, <eos>); every grid trace has
