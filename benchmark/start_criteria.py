@@ -7,10 +7,9 @@ labelled metrics, at two steps of each start: how well would each criterion choo
 
 For each start (seed, seed+1000, ..) of `disentangle.py --task TASK --seed SEED` it trains the
 recipe to each step in --steps and prints one JSON line: on the 512 "select" pairs the run's
-choice reads, the hard-EM objective under the posterior (the recipe's criterion), under the router and under a
-uniform router,
-the log marginal likelihood and the posterior entropy; on held-out inputs, alignment, coverage
-and router accuracy. About 10 minutes per start on grid, on one core.
+choice reads, the hard-EM objective under the posterior (the recipe's criterion), under the
+router and under a uniform router, the log marginal likelihood and the posterior entropy; on
+held-out inputs, alignment, coverage and router accuracy. About 10 minutes per start on grid, on one core.
 """
 
 import argparse
