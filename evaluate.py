@@ -16,6 +16,8 @@ Likelihood metrics (teacher forcing, no sampling noise):
                                      model's mass on non-traces counted as a "none" bin
     branch_calibration               at each token where x's traces part, the model's probability
                                      of each branch against p*  (python evaluate.py RUN --branches)
+    departures                       where generations that match no strategy first leave every
+                                     trace of x  (python evaluate.py RUN --departures)
 Linear probes (Key Figure 1): a logistic probe per (layer, y-position) from the residual stream
 to the strategy that wrote y, trained and scored on disjoint inputs; the shuffled-label probe
 and the majority-class rate are the baselines.
@@ -209,6 +211,23 @@ def branch_calibration(model, task, xs):
                 entry[0] += 1
                 entry[1] += probs[row, start - 1 + j, STOI[token]].item()
                 entry[2] += sum(p_star[s] for s in child) / sum(p_star[s] for s in alive)
+    return table
+
+
+def departures(task, xs, ys):
+    """Where generations that match no strategy first leave every trace of x: the first token that no
+    strategy still alive writes. Returns {(alive, step): count}, alive the tuple of strategies that
+    wrote the prefix and step the number of ';'-ended steps before that token."""
+    table = Counter()
+    for x, y in zip(xs, ys):
+        traces = task.traces(x)
+        alive = tuple(traces)
+        for t, token in enumerate(list(y) + ["</y>"]):
+            ahead = tuple(s for s in alive if (traces[s] + ["</y>"])[t:t + 1] == [token])
+            if not ahead:
+                table[(alive, traces[alive[0]][:t].count(";"))] += 1
+                break
+            alive = ahead
     return table
 
 
@@ -666,14 +685,16 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--branches", action="store_true",
                         help="base runs: print branch_calibration on --inputs held-out inputs instead of scoring")
+    parser.add_argument("--departures", action="store_true",
+                        help="base runs: print where --inputs held-out draws first leave every trace, instead of scoring")
     args = parser.parse_args(argv)
     if not 1 <= args.inputs <= 100_000:
         raise ValueError(f"--inputs must be between 1 and 100000, got {args.inputs}")
     path = os.path.join(args.run, "ckpt.pt")
     ckpt = load_checkpoint(path, vocab=VOCAB)
     if "latent" in (ckpt.get("train_config") or {}):
-        if args.branches:
-            raise ValueError("--branches reads a base run; this is a stage-2 run")
+        if args.branches or args.departures:
+            raise ValueError(f"--{'branches' if args.branches else 'departures'} reads a base run; this is a stage-2 run")
         return score_stage2_run(args.run, ckpt, args.inputs, args.device)
     task = get_task(ckpt["task"], **ckpt.get("task_options", {}))
     model = model_from_checkpoint(ckpt, path).to(pick_device(args.device))
@@ -683,6 +704,14 @@ def main(argv=None):
         for (alive, child), (count, model_p, true_p) in sorted(table.items(), key=lambda kv: -kv[1][0]):
             alive_text = "all" if len(alive) == len(task.strategies) else "+".join(alive)
             print(f"{count:6d} {model_p / count:8.3f} {true_p / count:7.3f}  {'+'.join(child)} ... of {alive_text}")
+        return 0
+    if args.departures:
+        xs = heldout_inputs(task, args.inputs, args.seed)
+        table = departures(task, xs, generate_ys(model, task, xs, seed=args.seed))
+        print(f"{sum(table.values())} of {len(xs)} draws match no strategy; where they first leave every trace:")
+        print(f"{'count':>6s}  {'step':>4s}  the strategies alive")
+        for (alive, step), count in table.most_common():
+            print(f"{count:6d}  {step:4d}  {'all' if len(alive) == len(task.strategies) else '+'.join(alive)}")
         return 0
     metrics = base_metrics(model, task, args.inputs, args.seed)
     probes = probe_grid(model, task, seed=args.seed)

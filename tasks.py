@@ -168,6 +168,26 @@ class Task:
         """dict strategy -> trace tokens."""
         return {s: self.trace(x, s) for s in self.strategies}
 
+    def branch_targets(self, x, y_tokens):
+        """The data's exact next-token distribution where x's traces part: {t: {token: p*(token | x, y_<t)}}
+        for each position t of y_tokens + ['</y>'] at which the strategies that wrote y_<t (weighted by
+        p*(s|x)) write more than one token. At every other position the next token is certain."""
+        y = list(y_tokens) + ["</y>"]
+        p_star = self.strategy_probs(x)
+        alive = [(p_star[s], t + ["</y>"]) for s, t in self.traces(x).items()]
+        branches = {}
+        for t, token in enumerate(y):
+            next_mass = {}
+            for p, trace in alive:
+                next_mass[trace[t]] = next_mass.get(trace[t], 0.0) + p
+            if len(next_mass) > 1:
+                total = sum(next_mass.values())
+                branches[t] = {tok: m / total for tok, m in next_mass.items()}
+            alive = [(p, trace) for p, trace in alive if trace[t] == token]
+            if not alive:
+                raise ValueError(f"{' '.join(y_tokens)} is not a trace of {x}")
+        return branches
+
     def check(self, x, y_tokens):
         y_tokens = list(y_tokens)
         answer = self.parse_answer(y_tokens)

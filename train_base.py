@@ -10,6 +10,13 @@ and is trained by maximum likelihood on the y tokens only (y, </y>, <eos>):
 
     L(theta) = - E_{x, s, y} [ sum_t log p_theta(y_t | x, y_<t) ]
 
+At the few tokens where x's traces part, the sampled token is replaced by its expectation, the
+data's exact next-token distribution q_t = p*(. | x, y_<t) (Task.branch_targets, y_loss):
+
+    L(theta) = - E_{x, s, y} [ sum_t sum_v q_t(v) log p_theta(v | x, y_<t) ]
+
+the same loss in expectation, without the noise of which strategy each record drew, which
+otherwise leaves the model's branch probabilities several points off (docs/experiments.md).
 The strategy is never shown, so the model learns the mixture p(y|x) = sum_s p*(s|x) p(y|x,s):
 one entangled distribution with no explicit strategy knob. The `<z> <z_empty> </z>` slot is a
 no-op here; stage 2 writes a latent into it.
@@ -32,14 +39,16 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluate import base_metrics, first_decodable_position, probe_grid, save_probe_snapshot
 from model import (GPT, GPTConfig, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
                    machine_info, open_run, pad_batch, parse_config, pick_device, resolve_precision, run_main,
-                   save_checkpoint, seed_everything, token_log_probs, write_json)
+                   save_checkpoint, seed_everything, write_json)
 from tasks import (PAD, VOCAB, check_task, encode, get_task, parse_task_options, prompt_tokens, record_tokens,
                    task_options_text)
 
@@ -64,6 +73,8 @@ class Config:
     n_layer: int = arg(4, "transformer blocks")
     n_head: int = arg(4, "attention heads")
     n_embd: int = arg(128, "residual stream width")
+    exact_branches: bool = arg(True, "at tokens where x's traces part, train on the data's exact next-token "
+                                     "distribution p*(y_t | x, y_<t) rather than the sampled token")
     lr: float = arg(2e-3, "peak learning rate (linear warm-up, cosine decay to lr/10)")
     warmup: int = arg(100, "warm-up steps")
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
@@ -92,25 +103,39 @@ class Config:
 POOL_BATCHES = 32  # records for this many batches are drawn at once and grouped by length
 
 
+class Record(NamedTuple):
+    ids: list  # the encoded record
+    loss_start: int  # index of its first y token
+    branches: dict  # y position -> {token: p*(token | x, y_<t)} where x's traces part (Task.branch_targets)
+
+
 def batch_pool(task, seed, pool_index, batch_size):
-    """POOL_BATCHES batches of encoded records, each of similar lengths, in shuffled order."""
+    """POOL_BATCHES batches of Records, each of similar lengths, in shuffled order."""
     rng = random.Random(seed * 1_000_003 + pool_index)
     records = []
     for _ in range(POOL_BATCHES * batch_size):
         x, _, y = task.sample(rng, split="train")
         x_tokens = task.input_tokens(x)
-        records.append((encode(record_tokens(x_tokens, y)), len(prompt_tokens(x_tokens))))
-    records.sort(key=lambda r: len(r[0]))
+        records.append(Record(encode(record_tokens(x_tokens, y)), len(prompt_tokens(x_tokens)),
+                              task.branch_targets(x, y)))
+    records.sort(key=lambda r: len(r.ids))
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
-class BatchStream:
-    """batch(step) -> (idx (B, T), loss mask (B, T-1), real-token fraction); pools are cached."""
+class Batch(NamedTuple):
+    idx: torch.Tensor  # (B, T) token ids
+    mask: torch.Tensor  # (B, T-1) which next-token targets are y tokens
+    targets: torch.Tensor  # (B, T-1, V) next-token distributions: one-hot, or p* at branches if exact
+    real: float  # fraction of idx that is not padding
 
-    def __init__(self, task, seed, batch_size):
-        self.task, self.seed, self.batch_size = task, seed, batch_size
+
+class BatchStream:
+    """batch(step) -> Batch; pools are cached."""
+
+    def __init__(self, task, seed, batch_size, exact_branches):
+        self.task, self.seed, self.batch_size, self.exact_branches = task, seed, batch_size, exact_branches
         self.pool_index, self.pool = None, None
 
     def batch(self, step, device):
@@ -118,14 +143,24 @@ class BatchStream:
         if pool_index != self.pool_index:
             self.pool_index, self.pool = pool_index, batch_pool(self.task, self.seed, pool_index, self.batch_size)
         rows = self.pool[step % POOL_BATCHES]
-        idx, mask = pad_batch([r for r, _ in rows], PAD, [s for _, s in rows], device)
-        real = sum(len(r) for r, _ in rows) / idx.numel()
-        return idx, mask, real
+        idx, mask = pad_batch([r.ids for r in rows], PAD, [r.loss_start for r in rows], device)
+        targets = F.one_hot(idx[:, 1:], len(VOCAB)).float()  # (B, T-1, V)
+        if self.exact_branches:
+            for b, record in enumerate(rows):
+                for t, token_probs in record.branches.items():
+                    row = targets[b, record.loss_start - 1 + t]  # the target that predicts y_t
+                    row.zero_()
+                    row[encode(list(token_probs))] = torch.tensor(list(token_probs.values()), device=device)
+        real = sum(len(r.ids) for r in rows) / idx.numel()
+        return Batch(idx, mask, targets, real)
 
 
-def y_loss(model, idx, mask):
-    """Mean negative log-likelihood of the y tokens: -(1/#y) sum_t log p_theta(y_t | x, y_<t)."""
-    return -(token_log_probs(model(idx), idx) * mask).sum() / mask.sum()
+def y_loss(model, batch):
+    """Mean cross-entropy of the y tokens against their targets q_t (one-hot: the sampled token):
+    -(1/#y) sum_t sum_v q_t(v) log p_theta(v | x, y_<t). With exact branches q_t = p*(. | x, y_<t),
+    whose expectation the one-hot target has, so the loss is the same in expectation, with less noise."""
+    logp = F.log_softmax(model(batch.idx)[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    return -((batch.targets * logp).sum(-1) * batch.mask).sum() / batch.mask.sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,29 +208,29 @@ def main(argv=None):
 
     if start_step == 0:
         append_jsonl(log_path, {"step": 0, **evaluate_and_snapshot(0)})
-    stream = BatchStream(task, cfg.seed, cfg.batch_size)
+    stream = BatchStream(task, cfg.seed, cfg.batch_size, cfg.exact_branches)
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=f"base {task.alias}",
                disable=None)
     tokens, t0, metrics = 0, time.perf_counter(), {}
     for step in bar:
-        idx, mask, real = stream.batch(step, device)
+        batch = stream.batch(step, device)
         lr = learning_rate(step, cfg.lr, cfg.warmup, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, cfg.precision):
-            loss = y_loss(model, idx, mask)
+            loss = y_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens += idx.numel()
-        train_tokens += round(real * idx.numel())
+        tokens += batch.idx.numel()
+        train_tokens += round(batch.real * batch.idx.numel())
         done = step + 1
         if done % cfg.log_interval == 0 or done == total_steps:
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{rate:.0f}")
-            append_jsonl(log_path, {"step": done, "loss/y": loss.item(), "lr": lr, "real_token_frac": real,
+            append_jsonl(log_path, {"step": done, "loss/y": loss.item(), "lr": lr, "real_token_frac": batch.real,
                                     "tokens_per_s": rate})
         if done % cfg.eval_interval == 0 or done == total_steps:
             metrics = evaluate_and_snapshot(done)

@@ -13,8 +13,9 @@ runs/benchmark/logs/. Each job gets cores / jobs threads (or --threads). When a 
 config.json and metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with
 the code: the report is written from the records, so a table can grow over sweeps on different
 machines, and a base model whose folder is gone is trained again only when a stage-2 run still
-needs it. A stage-2 record counts only while its settings are the current recipe's
-(disentangle.RECIPES): after a recipe changes, its runs are run again, the earlier folder kept as
+needs it. A base record counts only while its settings are train_base.py's defaults, a stage-2
+record only while its settings are the current recipe's (disentangle.RECIPES) and it ran on the
+recorded base model: after either changes, the runs are run again, the earlier folder kept as
 <run>.earlier-N.
 """
 
@@ -31,6 +32,7 @@ sys.path.insert(0, ROOT)
 from disentangle import Config as Stage2Config, apply_recipe  # noqa: E402
 from model import write_json  # noqa: E402
 from tasks import get_task  # noqa: E402
+from train_base import Config as BaseConfig  # noqa: E402
 
 # the base model each task's stage 2 starts from (2-digit addition: the recipe's base)
 BASE_ARGS = {"grid": [], "linear": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"], "sort": [],
@@ -76,8 +78,30 @@ def earlier_recipe(config, task, latent):
     return sorted(k for k, v in recipe_settings(task, latent).items() if config.get(k, defaults[k]) != v)
 
 
+# train_base.py settings that say where, how long or how often, not what a base model learns
+BASE_NOT_RECIPE = {"task", "out", "device", "resume", "precision", "steps", "task_options", "eval_interval",
+                   "eval_inputs", "final_inputs", "probe_inputs", "log_interval"}
+# train_base.py settings added since some base records were made, as the code ran before them
+BASE_BEFORE = {"exact_branches": False}
+
+
+def earlier_base_settings(config):
+    """The settings in which a base run's config differs from `train_base.py`'s defaults."""
+    defaults = vars(BaseConfig())
+    return sorted(k for k, v in defaults.items()
+                  if k not in BASE_NOT_RECIPE and config.get(k, BASE_BEFORE.get(k, v)) != v)
+
+
 def current(config, task, latent):
-    return latent is None or not earlier_recipe(config, task, latent)
+    if latent is None:
+        return not earlier_base_settings(config)
+    return not earlier_recipe(config, task, latent)
+
+
+def on_earlier_base(config, base_config):
+    """Whether a stage-2 run started before the recorded base model did, so it cannot have read it."""
+    started = lambda c: (c or {}).get("machine", {}).get("started", "")
+    return base_config is not None and started(config) < started(base_config)
 
 
 def run_name(latent=None, seed=None):
@@ -118,23 +142,40 @@ def finished(folder):
 
 
 def recorded(record, task, latent):
-    """A record that exists and, for stage 2, was run with the current recipe."""
+    """A record that exists and was run with the current settings (base) or recipe (stage 2) and, for
+    stage 2, on the recorded base model."""
     config = (read(record) or {}).get("config")
-    return config is not None and current(config, task, latent)
+    if config is None or not current(config, task, latent):
+        return False
+    base = (read(os.path.join(os.path.dirname(record), "base.json")) or {}).get("config")
+    return latent is None or not on_earlier_base(config, base)
 
 
-def set_aside_earlier_run(folder, task, latent):
-    """Move a run folder of an earlier recipe to <folder>.earlier-N, so that the new run starts fresh
-    and nothing is lost; returns whether there was one."""
-    config = read(os.path.join(folder, "config.json"))
-    if latent is None or config is None or current(config, task, latent):
+def why_earlier(job):
+    """Why a job's run folder is not the current run ('' if it is, or there is none)."""
+    config = read(os.path.join(job.folder, "config.json"))
+    if config is None:
+        return ""
+    if job.latent is None:
+        earlier = earlier_base_settings(config)
+        return f"settings {', '.join(earlier)} of an earlier train_base.py" if earlier else ""
+    earlier = earlier_recipe(config, job.task, job.latent)
+    if earlier:
+        return f"settings {', '.join(earlier)} from an earlier recipe"
+    return "an earlier base model" if on_earlier_base(config, read(os.path.join(job.needs, "config.json"))) else ""
+
+
+def set_aside_earlier_run(job):
+    """Move a run folder of earlier settings, or of an earlier base model, to <folder>.earlier-N, so
+    that the new run starts fresh and nothing is lost; returns whether there was one."""
+    why = why_earlier(job)
+    if not why:
         return False
     n = 1
-    while os.path.exists(f"{folder}.earlier-{n}"):
+    while os.path.exists(f"{job.folder}.earlier-{n}"):
         n += 1
-    os.rename(folder, f"{folder}.earlier-{n}")
-    print(f"moved {folder} (settings {', '.join(earlier_recipe(config, task, latent))} from an earlier recipe) "
-          f"to {folder}.earlier-{n}")
+    os.rename(job.folder, f"{job.folder}.earlier-{n}")
+    print(f"moved {job.folder} ({why}) to {job.folder}.earlier-{n}")
     return True
 
 
@@ -147,8 +188,8 @@ def save_record(folder, record):
 
 def sync_records(args):
     """Bring the records up to date with the finished run folders."""
-    for job in jobs_for(args):
-        if finished(job.folder) and current(read(os.path.join(job.folder, "config.json")) or {}, job.task, job.latent):
+    for job in jobs_for(args):  # bases first, so a stage-2 run is judged against its base's new record
+        if finished(job.folder) and not why_earlier(job):
             save_record(job.folder, job.record)
 
 
@@ -184,7 +225,7 @@ def run_jobs(args):
                 print(f"skip  {name}: its base model failed")
             elif needs is None or (finished(needs) and needs not in busy(pending, running)):
                 pending.remove(job)
-                set_aside_earlier_run(folder, task, latent)
+                set_aside_earlier_run(job)
                 resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
                 log = open(os.path.join(args.runs, "logs", f"{name}.log"), "a")
                 env = {**os.environ, "OMP_NUM_THREADS": threads}
@@ -263,10 +304,14 @@ def base_table(records, tasks):
     keys = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
     rows = ["| task | command | steps | training tokens | inputs | wall-clock | machine | started | "
             + " | ".join(keys) + " | meets all |", "|---" * (9 + len(keys)) + "|"]
+    earlier = {}  # task alias -> the settings in which its record differs from train_base.py's defaults
     for task in tasks:
         config, metrics = read_record(records, task, "base")
         if not (config and metrics):
             continue
+        stale = earlier_base_settings(config)
+        if stale:
+            earlier[get_task(task).alias] = stale
         where, started = machine(config)
         inputs = metrics.get("eval_inputs", config.get("eval_inputs", "?"))  # older runs scored on eval_inputs
         meets = "yes" if meets_all(metrics, "base") else "no"
@@ -274,6 +319,10 @@ def base_table(records, tasks):
         rows.append(f"| {get_task(task).name} | `{command(config, 'train_base.py')}` | {config['steps']} | "
                     f"{tokens} | {inputs} | {metrics['train_seconds']:.0f} s | {where} | {started} | "
                     + " | ".join(fmt(metrics[k]) for k in keys) + f" | {meets} |")
+    if earlier:
+        rows += ["", "Trained with settings of an earlier train_base.py: "
+                 + "; ".join(f"{alias} ({', '.join(names)})" for alias, names in earlier.items())
+                 + f"; `python benchmark/run.py --tasks {' '.join(earlier)}` trains them again."]
     return rows
 
 
@@ -281,18 +330,21 @@ def stage2_table(records, tasks, latent, seeds):
     keys = list(TARGETS[latent])
     rows = []
     for task in tasks:
-        found, earlier = [], []
+        found, earlier, on_earlier = [], [], []
+        base_config, _ = read_record(records, task, "base")
         for seed in seeds:
             config, metrics = read_record(records, task, run_name(latent, seed))
             if config and metrics:
                 if current(config, task, latent):
                     found.append((seed, config, stage2_values(metrics, latent)))
+                    on_earlier += [seed] if on_earlier_base(config, base_config) else []
                 else:
                     earlier.append(seed)
-        name = get_task(task).name
-        rerun = (f"Seed{'s' * (len(earlier) > 1)} {', '.join(map(str, earlier))}: recorded with an earlier recipe, "
-                 f"not shown; `python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}` runs them "
-                 "again.")
+        name, again = get_task(task).name, f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}`"
+        seeds_text = lambda s: f"Seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}"
+        rerun = f"{seeds_text(earlier)}: recorded with an earlier recipe, not shown; {again} runs them again."
+        older = (f"{seeds_text(on_earlier)} ran on a base model trained before the one in the table of base models "
+                 f"(started {machine(base_config or {})[1]}); {again} runs them again on it.")
         if not found:
             rows += [f"### {name}, {latent}", "", rerun, ""] if earlier else []
             continue
@@ -310,7 +362,7 @@ def stage2_table(records, tasks, latent, seeds):
             cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
             meets = f"{n_meet} of {len(found)}" if label == "min" else ""
             rows.append(f"| **{label}** | | | | | | | {cells} | {meets} |")
-        rows += ["", rerun, ""] if earlier else [""]
+        rows += [""] + ([older, ""] if on_earlier else []) + ([rerun, ""] if earlier else [])
     return rows
 
 

@@ -22,7 +22,7 @@ def finish(folder, config, metrics, ckpt=True):
         open(os.path.join(folder, "ckpt.pt"), "w").close()
 
 
-BASE = ({"task": "grid_pathfinding", "steps": 2500},
+BASE = ({**vars(benchmark.BaseConfig()), "task": "grid", "steps": 2500},
         {"answer_accuracy": 0.99, "parse_rate": 1.0, "strategy_tv": 0.02, "strategy_tv_per_input": 0.03,
          "excess_nll": 0.01, "train_seconds": 480.0})
 
@@ -70,10 +70,10 @@ def test_a_run_of_an_earlier_recipe_is_not_reported_and_runs_again_in_a_fresh_fo
     finish(earlier, *stage2(1, 0.5, jsd=0.5))
     assert [j[0] for j in benchmark.pending_jobs(args)] == ["grid-discrete-seed1"]
     assert not os.path.exists(os.path.join(args.records, "grid_pathfinding", "discrete_seed1.json"))
-    assert benchmark.set_aside_earlier_run(earlier, "grid", "discrete")
+    jobs = {j.name: j for j in benchmark.jobs_for(args)}
+    assert benchmark.set_aside_earlier_run(jobs["grid-discrete-seed1"])
     assert not os.path.exists(earlier) and os.path.exists(earlier + ".earlier-1")  # kept, out of the way
-    assert not benchmark.set_aside_earlier_run(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"),
-                                               "grid", "discrete")
+    assert not benchmark.set_aside_earlier_run(jobs["grid-discrete-seed0"])
     with open(os.path.join(args.records, "grid_pathfinding", "discrete_seed1.json"), "w") as f:
         json.dump({"config": stage2(1, 0.5, starts=5)[0], "metrics": stage2(1, 0.5)[1]}, f)
     benchmark.write_report(args)
@@ -97,3 +97,25 @@ def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_
     assert "first meets parse_rate: step 500, 1.00M tokens" in out
     assert "first meets strategy_tv: step 1500, 3.00M tokens" in out
     assert "first meets all four: step 1500, 3.00M tokens" in out
+
+
+def test_a_base_of_earlier_settings_and_the_runs_on_an_earlier_base_run_again(tmp_path):
+    args = args_for(tmp_path)
+    at = lambda config, started: {**config, "machine": {"name": "cpu", "threads": 1, "started": started,
+                                                         "command": "python ..."}}
+    earlier_base = os.path.join(args.runs, "grid_pathfinding", "base")
+    finish(earlier_base, at({**BASE[0], "exact_branches": False}, "2026-01-01 10:00"), BASE[1])
+    for seed in (0, 1):
+        finish(os.path.join(args.runs, "grid_pathfinding", f"discrete_seed{seed}"),
+               at(stage2(seed, 1.0)[0], "2026-01-01 11:00"), stage2(seed, 1.0)[1])
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-base"]  # its settings are not train_base's
+    benchmark.save_record(earlier_base, os.path.join(args.records, "grid_pathfinding", "base.json"))  # as before
+    benchmark.write_report(args)
+    assert "Trained with settings of an earlier train_base.py: grid (exact_branches)" in open(args.report).read()
+    jobs = {j.name: j for j in benchmark.jobs_for(args)}
+    assert benchmark.set_aside_earlier_run(jobs["grid-base"]) and os.path.exists(earlier_base + ".earlier-1")
+    finish(earlier_base, at(BASE[0], "2026-01-02 10:00"), BASE[1])  # trained again, after the stage-2 runs
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-discrete-seed0", "grid-discrete-seed1"]
+    benchmark.write_report(args)
+    assert "Seeds 0, 1 ran on a base model trained before the one in the table" in open(args.report).read()
+    assert benchmark.set_aside_earlier_run(jobs["grid-discrete-seed0"])

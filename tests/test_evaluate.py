@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from evaluate import (alignment_one_to_one, best_matching, branch_calibration, dgp_samples, excess_nll,
+from evaluate import (alignment_one_to_one, best_matching, branch_calibration, departures, dgp_samples, excess_nll,
                       generation_metrics, hard_em_objective, heldout_inputs, local_coverage, strategy_tv_per_input,
                       train_probes, tv_distance)
 from model import GPT, GPTConfig
@@ -52,6 +52,17 @@ def test_branch_calibration_hand_built():
     for (alive, child), (count, model_p, true_p) in table.items():
         assert count == 2 and math.isclose(model_p, 2 / V, rel_tol=1e-5)
         assert math.isclose(true_p / count, {pair: 2 / 3, ("down-first",): 1 / 3}.get(child, 1 / 2))
+
+
+def test_departures_hand_built():
+    """Grid from S 0 0 to G 2 2: a trace of a strategy departs nowhere; `R 0 1 ; R 0 3` leaves
+    right-first at step 1 (alternating had left at `R` vs `D`); `R 0 2` leaves both R-strategies
+    at step 0; a trace cut short leaves at its end."""
+    task, x = get_task("grid"), (0, 0, 2, 2)
+    ys = [task.trace(x, "down-first"), "R 0 1 ; R 0 3 ;".split(), "R 0 2 ;".split(),
+          task.trace(x, "alternating")[:-1], "R 0 1 ; R 0 3 ;".split()]
+    table = departures(task, [x] * len(ys), ys)
+    assert table == {(("right-first",), 1): 2, (("right-first", "alternating"), 0): 1, (("alternating",), 4): 1}
 
 
 def test_hard_em_objective_prefers_the_disentangled_factorization():

@@ -66,7 +66,7 @@ def test_one_token_corruption_is_never_a_correct_trace_of_that_strategy(name):
 
 @pytest.mark.parametrize("mixture", ["uniform", "input-dependent"])
 @pytest.mark.parametrize("name", list(TASKS))
-def test_log_prob_is_a_distribution_over_traces(name, mixture):
+def test_log_prob_is_a_distribution_over_traces_and_branch_targets_factor_it(name, mixture):
     task, rng = get_task(name, mixture=mixture), random.Random(3)
     for _ in range(200):
         x = task.sample_input(rng)
@@ -77,6 +77,13 @@ def test_log_prob_is_a_distribution_over_traces(name, mixture):
         assert math.isclose(sum(probs.values()), 1.0)
         if mixture == "input-dependent":  # the favoured strategy is a visible function of x
             assert probs[task.strategies[task.feature(x)]] == 0.7
+        for y in map(list, distinct):  # p*(y|x) is the product of p*(y_t | x, y_<t) where x's traces part
+            branches = task.branch_targets(x, y)
+            assert all(math.isclose(sum(p.values()), 1.0) and len(p) > 1 for p in branches.values())
+            chain = sum(math.log(branches[t][token]) for t, token in enumerate(y + ["</y>"]) if t in branches)
+            assert math.isclose(chain, task.log_prob(x, y), abs_tol=1e-9)
+    with pytest.raises(ValueError, match="is not a trace"):
+        task.branch_targets(x, ["ans", "1"])
 
 
 @pytest.mark.parametrize("name", list(TASKS))

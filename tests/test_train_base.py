@@ -49,6 +49,20 @@ def test_short_run_lowers_loss_and_beats_chance(tmp_path):
     assert list(probes["steps"]) == [0, 60]
 
 
+def test_exact_branches_replace_the_sampled_token_by_p_star_only_where_traces_part():
+    task = get_task("grid")
+    sampled = train_base.BatchStream(task, 0, 16, exact_branches=False).batch(0, "cpu")
+    exact = train_base.BatchStream(task, 0, 16, exact_branches=True).batch(0, "cpu")
+    assert torch.equal(sampled.idx, exact.idx)
+    differs = (sampled.targets != exact.targets).any(-1)  # (B, T-1)
+    assert differs.any() and not (differs & ~sampled.mask).any()
+    assert torch.allclose(exact.targets[differs].sum(-1), torch.ones(int(differs.sum())))
+    assert {round(p, 4) for p in exact.targets[differs].max(-1).values.tolist()} <= {0.5, 0.6667}  # grid, uniform p*
+    model = train_base.GPT(train_base.GPTConfig(vocab_size=len(VOCAB), n_layer=1, n_head=2, n_embd=32))
+    gathered = torch.log_softmax(model(sampled.idx)[:, :-1], -1).gather(-1, sampled.idx[:, 1:, None])[..., 0]
+    assert torch.isclose(train_base.y_loss(model, sampled), -(gathered * sampled.mask).sum() / sampled.mask.sum())
+
+
 def test_task_options_reach_the_checkpoint(tmp_path):
     assert run_tiny(tmp_path, 2, "--task-options", "size=5") == 0
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
