@@ -109,15 +109,15 @@ class Record(NamedTuple):
     branches: dict  # y position -> {token: p*(token | x, y_<t)} where x's traces part (Task.branch_targets)
 
 
-def batch_pool(task, seed, pool_index, batch_size):
-    """POOL_BATCHES batches of Records, each of similar lengths, in shuffled order."""
+def batch_pool(task, seed, pool_index, batch_size, exact_branches):
+    """POOL_BATCHES batches of Records, each of similar lengths, in shuffled order (branches only if exact)."""
     rng = random.Random(seed * 1_000_003 + pool_index)
     records = []
     for _ in range(POOL_BATCHES * batch_size):
         x, _, y = task.sample(rng, split="train")
         x_tokens = task.input_tokens(x)
         records.append(Record(encode(record_tokens(x_tokens, y)), len(prompt_tokens(x_tokens)),
-                              task.branch_targets(x, y)))
+                              task.branch_targets(x, y) if exact_branches else {}))
     records.sort(key=lambda r: len(r.ids))
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     rng.shuffle(batches)
@@ -141,16 +141,16 @@ class BatchStream:
     def batch(self, step, device):
         pool_index = step // POOL_BATCHES
         if pool_index != self.pool_index:
-            self.pool_index, self.pool = pool_index, batch_pool(self.task, self.seed, pool_index, self.batch_size)
+            self.pool_index, self.pool = pool_index, batch_pool(self.task, self.seed, pool_index, self.batch_size,
+                                                             self.exact_branches)
         rows = self.pool[step % POOL_BATCHES]
         idx, mask = pad_batch([r.ids for r in rows], PAD, [r.loss_start for r in rows], device)
         targets = F.one_hot(idx[:, 1:], len(VOCAB)).float()  # (B, T-1, V)
-        if self.exact_branches:
-            for b, record in enumerate(rows):
-                for t, token_probs in record.branches.items():
-                    row = targets[b, record.loss_start - 1 + t]  # the target that predicts y_t
-                    row.zero_()
-                    row[encode(list(token_probs))] = torch.tensor(list(token_probs.values()), device=device)
+        for b, record in enumerate(rows):  # exact branches: p* where x's traces part (none otherwise)
+            for t, token_probs in record.branches.items():
+                row = targets[b, record.loss_start - 1 + t]  # the target that predicts y_t
+                row.zero_()
+                row[encode(list(token_probs))] = torch.tensor(list(token_probs.values()), device=device)
         real = sum(len(r.ids) for r in rows) / idx.numel()
         return Batch(idx, mask, targets, real)
 
