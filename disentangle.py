@@ -153,10 +153,10 @@ class Config:
 def latent_recipe(latent, n_strategies):
     """What a latent type adds to the Config defaults on every task (docs/experiments.md). Discrete:
     classification EM without the JSD, the posterior started by k-means on 4 (S + 1) components and
-    refitted every 300 steps, three starts chosen at step 600."""
+    refitted every 300 steps, six starts chosen at step 600."""
     if latent == "discrete":
         return {"hard_em": True, "router_marginal_kl": 10.0, "router_support": 0.1,
-                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 3}
+                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 6}
     return {"router_marginal_kl": 1.0}
 
 

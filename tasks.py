@@ -46,7 +46,7 @@ base_conversion (base)           x: 0 3 8 to 4             (decimal 38 into base
   decomposition     2 * 0 1 6 = 0 3 2 r 0 0 6 ; 1 * 0 0 4 = 0 0 4 r 0 0 2 ;
                     2 * 0 0 1 = 0 0 2 r 0 0 0 ; ans 2 1 2
 multidigit_addition (add)        x: 4 5 7 + 9 8 6
-  right-to-left-carry    7 + 6 + 0 = 1 3 ; 5 + 8 + 1 = 1 4 ; 4 + 9 + 1 = 1 4 ; ans 1 4 4 3
+  right-to-left-carry    0 + 7 + 6 = 1 3 ; 1 + 5 + 8 = 1 4 ; 1 + 4 + 9 = 1 4 ; ans 1 4 4 3
   left-to-right-partials 4 + 9 = 1 3 ; 1 3 0 + 5 + 8 = 1 4 3 ; 1 4 3 0 + 7 + 6 = 1 4 4 3 ; ans 1 4 4 3
   rounding-decomposition 9 8 6 = 1 0 0 0 - 1 4 ; 4 5 7 + 1 0 0 0 = 1 4 5 7 ; 1 4 5 7 - 1 4 = 1 4 4 3 ; ans 1 4 4 3
 
@@ -603,9 +603,9 @@ class MultidigitAddition(Task):
         da, db, y = num(a), num(b), []
         if strategy == "right-to-left-carry":  # column by column from the units, with carry
             carry = 0
-            for i in reversed(range(len(da))):
+            for i in reversed(range(len(da))):  # the carry first: a 0 opens this strategy, and no other
                 s = int(da[i]) + int(db[i]) + carry
-                y += [da[i], "+", db[i], "+", str(carry), "=", *num(s), ";"]
+                y += [str(carry), "+", da[i], "+", db[i], "=", *num(s), ";"]
                 carry = s // 10
         elif strategy == "left-to-right-partials":  # acc*10 + column sum, from the top column
             acc = int(da[0]) + int(db[0])

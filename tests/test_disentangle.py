@@ -467,7 +467,7 @@ def test_no_flag_config_is_the_recipe():
     assert all(settings == one_recipe["grid"] for settings in one_recipe.values())  # one discrete recipe
     assert {task: cfg.cluster_init for task, cfg in discrete.items()} == \
         {"grid": 16, "sort": 24, "add": 16, "linear": 16, "sum": 16, "base": 16}  # 4 (S + 1) for S strategies
-    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (3, 600, True)
+    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (6, 600, True)
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp")
@@ -609,7 +609,7 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     (["--starts", "1", "--start-steps", "100"], "--start-steps has no effect with --starts 1"),
     (["--latent", "continuous", "--starts", "3"], "--starts has no effect with --latent continuous"),
     (["--starts", "2", "--steps", "300"], "--start-steps must be below --steps 300, got 600"),
-    (["--steps", "300"], "got 600 (--starts 3 is the recipe's; add --starts 1)"),
+    (["--steps", "300"], "got 600 (--starts 6 is the recipe's; add --starts 1)"),
     (["--latent", "continuous", "--router", "gaussian", "--components", "2"],
      "--components has no effect with --router gaussian"),
     (["--latent", "continuous", "--router", "flow"], "--router must be one of gaussian, mixture"),

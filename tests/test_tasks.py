@@ -140,6 +140,17 @@ def test_worked_example_base_numbers_have_one_width():
     assert " ".join(task.trace((168, 8), "decomposition")).startswith("2 * 0 6 4 = 1 2 8 r 0 4 0 ;")
 
 
+def test_worked_example_addition_opens_each_strategy_with_its_own_kind_of_token():
+    """The carry comes first, so a 0 opens right-to-left-carry and nothing else: the column a trace opened
+    follows from its strategy, not from matching a digit against x (88 + 23 opens 8 in two strategies)."""
+    task, rng = get_task("add", n_digits=2), random.Random(0)
+    assert " ".join(task.trace((85, 23), "right-to-left-carry")) == "0 + 5 + 3 = 8 ; 0 + 8 + 2 = 1 0 ; ans 1 0 8"
+    for x in [task.sample_input(rng) for _ in range(200)] + [(88, 23)]:
+        first = {s: task.trace(x, s)[0] for s in task.strategies}
+        assert first["right-to-left-carry"] == "0"
+        assert first["left-to-right-partials"] != "0" and first["rounding-decomposition"] != "0"
+
+
 def test_worked_example_sorting_states_are_real():
     """Bubble sort on 3 1 4 0 2 5: pass 1 bubbles 4 past 0 and 2, giving 1 3 0 2 4 5."""
     y = get_task("sort").trace([3, 1, 4, 0, 2, 5], "bubble-sort")
