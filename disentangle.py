@@ -165,7 +165,7 @@ TASK_RECIPES = {
     ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture"},
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
     ("multidigit_addition", "discrete"): {"steps": 1800},
-    ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0},
+    ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},
     ("sorting_algorithms", "discrete"): {"steps": 2400},
     ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
 }
