@@ -38,7 +38,7 @@ k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assi
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
     python disentangle.py --task grid --latent discrete   # 143 s on an H200; 2-digit add: 11 minutes on one core
-    python disentangle.py --latent continuous             # grid, 9 minutes on one core
+    python disentangle.py --latent continuous             # grid, 6.5 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json (the resolved

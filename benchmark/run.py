@@ -35,7 +35,7 @@ from tasks import get_task  # noqa: E402
 from train_base import Config as BaseConfig  # noqa: E402
 
 # the base model each task's stage 2 starts from (2-digit addition: the recipe's base)
-BASE_ARGS = {"grid": [], "linear": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"], "sort": [],
+BASE_ARGS = {"grid": [], "linear": [], "add": ["--task-options", "n_digits=2"], "sort": [],
              "sum": [], "base": []}
 DEFAULT_TASKS = ("grid", "linear", "add", "sort")
 DEFAULT_LATENTS, DEFAULT_SEEDS = ("discrete", "continuous"), (0, 1, 2)
