@@ -15,6 +15,7 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
     R  -E_q[log p_psi(y|x,z)], tokens weighted by token_weights, optionally normalized_recon
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
        --hard-em: q = one_hot(argmax_k log p_psi(y|x,k)), classification EM          hard_assignment
+       --traces-per-input G: an input's G distinct traces to distinct latents   per_input_assignment
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
     K  KL(q_xi(z|x,y) || p_phi(z|x))   categorical_kl, gaussian_kl, mixture_kl (sampled); free_bits_kl
     aux, each behind its flag, times that flag's weight:
@@ -33,7 +34,10 @@ sends pairs to the latent whose generator rates them highest (reassign_clusters)
 trains N starts to --start-steps and goes on with the one whose hard-EM objective under the
 posterior, max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (select_start), without labels.
 With --hard-em (classification EM, the discrete recipe) each pair trains only the generator of
-k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment.
+k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment. With
+--traces-per-input G each batch holds G distinct traces of each input, and the assignment is the
+injective one of highest likelihood among them (per_input_assignment): two latents cannot both
+keep one strategy of an input, so no generator learns a blend of two.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
@@ -45,6 +49,7 @@ Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.js
 values), log.jsonl, metrics.json (the final evaluation on --final-inputs inputs), posterior.npz.
 """
 
+import itertools
 import math
 import os
 import random
@@ -62,7 +67,8 @@ from model import (Factorization, append_jsonl, arg, autocast, check_numbers, co
                    load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
                    pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
                    token_log_probs, write_json)
-from tasks import PAD, STOI, TASKS, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens
+from tasks import (PAD, STOI, TASKS, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens,
+                   sample_split_input)
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the defaults every recipe shares; RECIPES adds what a (task, latent) pair needs
@@ -104,6 +110,8 @@ class Config:
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
                            "a hard-EM reassignment (0: off)")
     hard_em: bool = arg(False, "discrete: recon trains only each pair's latent of highest log p_psi(y|x,k)")
+    traces_per_input: int = arg(1, "discrete, --hard-em: each batch holds this many distinct traces of each "
+                                   "input, which go to distinct latents")
     starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
@@ -117,11 +125,12 @@ class Config:
         """The settings that this configuration does not read: {name: the setting that makes it so}."""
         other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
                  "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts",
-                                "hard_em")}[self.latent]
+                                "hard_em", "traces_per_input")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
         ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
         ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
         ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
+        ignored.update({"traces_per_input": "--no-hard-em"} if not self.hard_em else {})
         ignored.update({"components": "--router gaussian"} if self.router == "gaussian" else {})
         return ignored
 
@@ -131,7 +140,7 @@ class Config:
                               "router": ("gaussian", "mixture")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        check_numbers(self, positive=("steps", "batch_size", "dz", "samples", "eval_interval", "eval_inputs",
+        check_numbers(self, positive=("steps", "batch_size", "traces_per_input", "dz", "samples", "eval_interval", "eval_inputs",
                                       "final_inputs", "log_interval", "lr", "grad_clip", "starts", "start_steps"),
                       at_most={"batch_size": 4096, "samples": 256, "dz": 1024, "eval_inputs": 100_000,
                                "final_inputs": 100_000, "cluster_init": 4096, "components": 64, "starts": 64})
@@ -140,6 +149,9 @@ class Config:
         for name, reason in self.ignored().items():
             if name in given and getattr(self, name):  # an ignored setting switched off is consistent
                 raise ValueError(f"--{name.replace('_', '-')} has no effect with {reason}")
+        if self.hard_em and self.batch_size % self.traces_per_input:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --traces-per-input "
+                             f"{self.traces_per_input}")
         if self.starts > 1 and self.start_steps >= self.steps:
             recipe = "" if "starts" in given else f" (--starts {self.starts} is the recipe's; add --starts 1)"
             raise ValueError(f"--start-steps must be below --steps {self.steps}, got {self.start_steps}{recipe}")
@@ -156,7 +168,7 @@ def latent_recipe(latent, n_strategies):
     refitted every 300 steps, six starts chosen at step 600."""
     if latent == "discrete":
         return {"hard_em": True, "router_marginal_kl": 10.0, "router_support": 0.1,
-                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 6}
+                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 6, "traces_per_input": 2}
     return {"router_marginal_kl": 1.0}
 
 
@@ -194,14 +206,31 @@ def training_pairs(task, base, cfg, step, device, stream="train", n=0):
     """n (default batch_size) pairs, x from the training split, y ~ p*(y|x) (or y ~ p_base). Each
     stream ("train", "init", "clusters", "reassign") draws from (seed, stream, step) alone."""
     rng, n = random.Random(f"{stream}/{cfg.seed}/{step}"), n or cfg.batch_size
+    per_input = cfg.traces_per_input if stream == "train" and cfg.hard_em else 1
     if cfg.data == "dgp":
-        return [(x, y) for x, _, y in (task.sample(rng, "train") for _ in range(n))]
-    xs = [task.sample(rng, "train")[0] for _ in range(n)]
+        inputs = (sample_split_input(task, rng, "train") for _ in range(n // per_input))
+        return [(x, y) for x in inputs for y in distinct_traces(task, x, rng, per_input)]
+    xs = [task.sample(rng, "train")[0] for _ in range(n // per_input) for _ in range(per_input)]
     ys = generate_ys(base, task, xs, temperature=1.0, seed=rng.getrandbits(62))
     if all(y is None for y in ys):
         raise ValueError(f"the base model closed none of {n} samples with </y> <eos>: train it longer, "
                          f"or take y from the true mixture (--data dgp)")
     return [(x, y) for x, y in zip(xs, ys) if y is not None]
+
+
+DISTINCT_DRAWS = 8  # draws per wanted trace before an input with fewer distinct traces makes do
+
+
+def distinct_traces(task, x, rng, n):
+    """n draws y ~ p*(y|x), distinct ones while the input has them (no strategy labels read)."""
+    ys = []
+    for _ in range(DISTINCT_DRAWS * n):
+        y = task.trace(x, task.sample_strategy(x, rng))
+        if y not in ys:
+            ys.append(y)
+        if len(ys) == n:
+            return ys
+    return ys + [ys[-1]] * (n - len(ys))
 
 
 def make_batch(task, pairs, K, device):
@@ -214,13 +243,21 @@ def make_batch(task, pairs, K, device):
     base_idx, base_mask = pad_batch(records, PAD, [len(xt) + 7 for xt in x_tokens], device)  # from the first y
     batch = {"base_idx": base_idx, "base_mask": base_mask, "y_state_mask": F.pad(base_mask, (1, 0)),
              "route_pos": torch.tensor([len(xt) + 3 for xt in x_tokens], device=device),  # <z>
-             "slot_pos": torch.tensor([len(xt) + 4 for xt in x_tokens], device=device)}  # <z_empty> or <zk>
+             "slot_pos": torch.tensor([len(xt) + 4 for xt in x_tokens], device=device),  # <z_empty> or <zk>
+             "input_id": first_index([tuple(xt) for xt in x_tokens]),  # (B,) the first pair with this x
+             "trace_id": first_index(records)}  # (B,) the first pair with this (x, y)
     if K:
         gen_idx = base_idx.repeat_interleave(K, dim=0)  # (B*K, T)
         ids = torch.tensor(latent_ids(K), device=device).repeat(len(pairs))
         gen_idx[torch.arange(len(gen_idx), device=device), batch["slot_pos"].repeat_interleave(K)] = ids
         batch["gen_idx"], batch["gen_mask"] = gen_idx, base_mask.repeat_interleave(K, dim=0)
     return batch
+
+
+def first_index(items):
+    """For each item, the index of its first occurrence: a list of ints."""
+    first = {}
+    return [first.setdefault(tuple(item), i) for i, item in enumerate(items)]
 
 
 SUPPORT_THRESHOLD = 0.01  # JSD compares latents on the tokens the base model gives >= 1%
@@ -268,6 +305,27 @@ def hard_assignment(token_logp):
     would teach the generators blends. A latent that writes a strategy slightly more often gets more
     of its traces and writes it more often still."""
     return F.one_hot(token_logp.detach().sum(-1).argmax(-1), token_logp.shape[1]).float()
+
+
+def per_input_assignment(token_logp, input_id, trace_id):
+    """hard_assignment, with the distinct traces of one input (input_id, trace_id (B,): the first pair
+    of the same x, of the same (x, y)) sent to distinct latents: of the injective maps from an
+    input's first K distinct traces to the K latents, the one of highest sum of log p_psi(y|x,k).
+    Two latents that write one strategy for x cannot both keep its trace, so each input's traces
+    teach K different generators."""
+    loglik = token_logp.detach().sum(-1)  # (B, K)
+    K, assign = loglik.shape[1], loglik.argmax(-1)  # (B,)
+    traces_of = {}
+    for pair, (x, y) in enumerate(zip(input_id, trace_id)):
+        if y == pair:  # the first pair of this trace
+            traces_of.setdefault(x, []).append(pair)
+    for traces in traces_of.values():
+        traces = traces[:K]
+        maps = torch.tensor(list(itertools.permutations(range(K), len(traces))), device=loglik.device)  # (P, n)
+        best = maps[loglik[traces][torch.arange(len(traces)), maps].sum(1).argmax()]  # (n,)
+        for trace, latent in zip(traces, best):
+            assign[torch.tensor(trace_id, device=loglik.device) == trace] = latent
+    return F.one_hot(assign, K).float()
 
 
 def continuous_recon_loss(token_logp, weights):
@@ -432,7 +490,8 @@ def objective(fact, base, batch, cfg):
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
         # (B, K) the weights R trains with
-        recon_q = hard_assignment(p.token_logp) if cfg.hard_em else q
+        recon_q = q if not cfg.hard_em else hard_assignment(p.token_logp) if cfg.traces_per_input == 1 \
+            else per_input_assignment(p.token_logp, batch["input_id"], batch["trace_id"])
         recon = discrete_recon_loss(recon_q, p.token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)

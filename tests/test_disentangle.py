@@ -4,6 +4,7 @@ and resumes exactly, the defaults are the recipe."""
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -303,6 +304,32 @@ def test_hard_assignment_is_the_latent_the_generator_rates_highest():
     assert not D.hard_assignment(token_logp).requires_grad
 
 
+def test_per_input_assignment_sends_an_inputs_distinct_traces_to_distinct_latents():
+    loglik = torch.tensor([[-0.1, -0.5, -3.0],  # input 0, trace a: prefers latent 0
+                           [-0.2, -0.9, -0.4],  # input 0, trace b: also prefers latent 0, by more
+                           [-0.1, -0.5, -3.0],  # input 0, trace a again: follows its first copy
+                           [-0.3, -2.0, -2.0],  # input 3, trace c: alone on its input, keeps its argmax
+                           [-0.3, -0.1, -2.0]])  # input 3, trace d: distinct from c, so not latent 0
+    token_logp = loglik[..., None].repeat(1, 1, 2) / 2  # (B=5, K=3, T=2), the same sums over y
+    assign = D.per_input_assignment(token_logp, [0, 0, 0, 3, 3], [0, 1, 0, 3, 4])
+    # input 0: (a->0, b->2) totals -0.5 against (a->1, b->0) -0.7; input 3: c->0 and d->1
+    assert assign.argmax(1).tolist() == [0, 2, 0, 0, 1]
+    # one trace per input is the plain hard assignment
+    assert torch.equal(D.per_input_assignment(token_logp, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),
+                       D.hard_assignment(token_logp))
+
+
+def test_batches_of_several_traces_per_input_hold_distinct_traces_and_keep_one_trace_batches():
+    task, cfg = get_task("sum"), D.Config(task="sum", hard_em=True)
+    rng = random.Random("train/0/7")
+    assert D.training_pairs(task, None, cfg, 7, "cpu") == [(x, y) for x, _, y in
+                                                           (task.sample(rng, "train") for _ in range(16))]
+    pairs = D.training_pairs(task, None, replace(cfg, traces_per_input=2), 7, "cpu")
+    batch = D.make_batch(task, pairs, 3, "cpu")
+    assert batch["input_id"] == [i - i % 2 for i in range(16)]  # 8 inputs, two traces each
+    assert batch["trace_id"] == list(range(16))  # every sum input has three distinct traces
+
+
 def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
     fact, ckpt = tiny_fact(tiny_base)
     task, pairs = grid_pairs(4)
@@ -467,7 +494,8 @@ def test_no_flag_config_is_the_recipe():
     assert all(settings == one_recipe["grid"] for settings in one_recipe.values())  # one discrete recipe
     assert {task: cfg.cluster_init for task, cfg in discrete.items()} == \
         {"grid": 16, "sort": 24, "add": 16, "linear": 16, "sum": 16, "base": 16}  # 4 (S + 1) for S strategies
-    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em) == (6, 600, True)
+    assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em,
+            discrete["grid"].traces_per_input) == (6, 600, True, 2)
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp")
@@ -610,6 +638,8 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     (["--latent", "continuous", "--starts", "3"], "--starts has no effect with --latent continuous"),
     (["--starts", "2", "--steps", "300"], "--start-steps must be below --steps 300, got 600"),
     (["--steps", "300"], "got 600 (--starts 6 is the recipe's; add --starts 1)"),
+    (["--batch-size", "15"], "--batch-size 15 must be a multiple of --traces-per-input 2"),
+    (["--no-hard-em", "--traces-per-input", "2"], "--traces-per-input has no effect with --no-hard-em"),
     (["--latent", "continuous", "--router", "gaussian", "--components", "2"],
      "--components has no effect with --router gaussian"),
     (["--latent", "continuous", "--router", "flow"], "--router must be one of gaussian, mixture"),
