@@ -210,7 +210,7 @@ def training_pairs(task, base, cfg, step, device, stream="train", n=0):
     if cfg.data == "dgp":
         inputs = (sample_split_input(task, rng, "train") for _ in range(n // per_input))
         return [(x, y) for x in inputs for y in distinct_traces(task, x, rng, per_input)]
-    xs = [task.sample(rng, "train")[0] for _ in range(n // per_input) for _ in range(per_input)]
+    xs = [x for x in (task.sample(rng, "train")[0] for _ in range(n // per_input)) for _ in range(per_input)]
     ys = generate_ys(base, task, xs, temperature=1.0, seed=rng.getrandbits(62))
     if all(y is None for y in ys):
         raise ValueError(f"the base model closed none of {n} samples with </y> <eos>: train it longer, "

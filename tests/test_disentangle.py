@@ -330,6 +330,14 @@ def test_batches_of_several_traces_per_input_hold_distinct_traces_and_keep_one_t
     assert batch["trace_id"] == list(range(16))  # every sum input has three distinct traces
 
 
+def test_base_model_data_samples_each_input_traces_per_input_times(monkeypatch):
+    task, cfg = get_task("sum"), D.Config(task="sum", data="model", hard_em=True, traces_per_input=2)
+    # a base model that always writes pairwise: the two samples of an input are one trace
+    monkeypatch.setattr(D, "generate_ys", lambda base, task, xs, **_: [task.trace(x, "pairwise") for x in xs])
+    batch = D.make_batch(task, D.training_pairs(task, None, cfg, 0, "cpu"), 3, "cpu")
+    assert batch["input_id"] == batch["trace_id"] == [i - i % 2 for i in range(16)]
+
+
 def test_hard_em_trains_only_the_latent_the_generator_rates_highest(tiny_base):
     fact, ckpt = tiny_fact(tiny_base)
     task, pairs = grid_pairs(4)
