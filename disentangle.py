@@ -41,7 +41,7 @@ keep one strategy of an input, so no generator learns a blend of two.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 143 s on an H200; 2-digit add: 11 minutes on one core
+    python disentangle.py --task grid --latent discrete   # 14.5 minutes on one core (sum, linear: 13-14.5)
     python disentangle.py --latent continuous             # grid, 6.5 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
