@@ -140,8 +140,9 @@ class Config:
                               "router": ("gaussian", "mixture")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        check_numbers(self, positive=("steps", "batch_size", "traces_per_input", "dz", "samples", "eval_interval", "eval_inputs",
-                                      "final_inputs", "log_interval", "lr", "grad_clip", "starts", "start_steps"),
+        check_numbers(self, positive=("steps", "batch_size", "traces_per_input", "dz", "samples", "eval_interval",
+                                      "eval_inputs", "final_inputs", "log_interval", "lr", "grad_clip", "starts",
+                                      "start_steps"),
                       at_most={"batch_size": 4096, "samples": 256, "dz": 1024, "eval_inputs": 100_000,
                                "final_inputs": 100_000, "cluster_init": 4096, "components": 64, "starts": 64})
         if self.latent == "discrete" and not 2 <= (self.k or n_strategies) <= MAX_LATENTS:
@@ -165,7 +166,7 @@ class Config:
 def latent_recipe(latent, n_strategies):
     """What a latent type adds to the Config defaults on every task (docs/experiments.md). Discrete:
     classification EM without the JSD, the posterior started by k-means on 4 (S + 1) components and
-    refitted every 300 steps, six starts chosen at step 600."""
+    refitted every 300 steps, six starts chosen at step 600, two distinct traces of each input per batch."""
     if latent == "discrete":
         return {"hard_em": True, "router_marginal_kl": 10.0, "router_support": 0.1,
                 "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 6, "traces_per_input": 2}
@@ -236,8 +237,9 @@ def distinct_traces(task, x, rng, n):
 def make_batch(task, pairs, K, device):
     """pairs: list of (x, y tokens). Returns a dict of tensors: base_idx (B, T) and base_mask
     (B, T-1) (the record with <z_empty>; y targets), y_state_mask (B, T) (the states the posterior
-    pools), route_pos and slot_pos (B,); discrete: gen_idx (B*K, T) and gen_mask (B*K, T-1),
-    row b*K+k with <zk> in the slot."""
+    pools), route_pos and slot_pos (B,); input_id and trace_id, lists of B ints for
+    per_input_assignment; discrete: gen_idx (B*K, T) and gen_mask (B*K, T-1), row b*K+k with <zk>
+    in the slot."""
     x_tokens = [task.input_tokens(x) for x, _ in pairs]
     records = [encode(record_tokens(xt, y)) for xt, (_, y) in zip(x_tokens, pairs)]
     base_idx, base_mask = pad_batch(records, PAD, [len(xt) + 7 for xt in x_tokens], device)  # from the first y
@@ -311,20 +313,21 @@ def per_input_assignment(token_logp, input_id, trace_id):
     """hard_assignment, with the distinct traces of one input (input_id, trace_id (B,): the first pair
     of the same x, of the same (x, y)) sent to distinct latents: of the injective maps from an
     input's first K distinct traces to the K latents, the one of highest sum of log p_psi(y|x,k).
-    Two latents that write one strategy for x cannot both keep its trace, so each input's traces
-    teach K different generators."""
+    Two latents that write one strategy for x cannot both keep its trace, so an input's distinct
+    traces teach different generators."""
     loglik = token_logp.detach().sum(-1)  # (B, K)
     K, assign = loglik.shape[1], loglik.argmax(-1)  # (B,)
     traces_of = {}
-    for pair, (x, y) in enumerate(zip(input_id, trace_id)):
-        if y == pair:  # the first pair of this trace
-            traces_of.setdefault(x, []).append(pair)
+    for pair, (first_of_input, first_of_trace) in enumerate(zip(input_id, trace_id)):
+        if first_of_trace == pair:  # one pair per distinct trace
+            traces_of.setdefault(first_of_input, []).append(pair)
+    trace_id = torch.tensor(trace_id, device=loglik.device)  # (B,)
     for traces in traces_of.values():
         traces = traces[:K]
         maps = torch.tensor(list(itertools.permutations(range(K), len(traces))), device=loglik.device)  # (P, n)
         best = maps[loglik[traces][torch.arange(len(traces)), maps].sum(1).argmax()]  # (n,)
         for trace, latent in zip(traces, best):
-            assign[torch.tensor(trace_id, device=loglik.device) == trace] = latent
+            assign[trace_id == trace] = latent
     return F.one_hot(assign, K).float()
 
 
