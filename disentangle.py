@@ -41,7 +41,7 @@ keep one strategy of an input, so no generator learns a blend of two.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 14.5 minutes on one core (sum, linear: 13-14.5)
+    python disentangle.py --task grid --latent discrete   # 14.5 minutes on one core (sum, linear: 12.5-14.5)
     python disentangle.py --latent continuous             # grid, 6.5 minutes on one core
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
@@ -205,7 +205,8 @@ def latent_ids(K):
 
 def training_pairs(task, base, cfg, step, device, stream="train", n=0):
     """n (default batch_size) pairs, x from the training split, y ~ p*(y|x) (or y ~ p_base). Each
-    stream ("train", "init", "clusters", "reassign") draws from (seed, stream, step) alone."""
+    stream ("train", "init", "clusters", "reassign") draws from (seed, stream, step) alone. Under
+    --hard-em the "train" stream holds traces_per_input distinct traces of each of its inputs."""
     rng, n = random.Random(f"{stream}/{cfg.seed}/{step}"), n or cfg.batch_size
     per_input = cfg.traces_per_input if stream == "train" and cfg.hard_em else 1
     if cfg.data == "dgp":
@@ -310,11 +311,11 @@ def hard_assignment(token_logp):
 
 
 def per_input_assignment(token_logp, input_id, trace_id):
-    """hard_assignment, with the distinct traces of one input (input_id, trace_id (B,): the first pair
-    of the same x, of the same (x, y)) sent to distinct latents: of the injective maps from an
-    input's first K distinct traces to the K latents, the one of highest sum of log p_psi(y|x,k).
-    Two latents that write one strategy for x cannot both keep its trace, so an input's distinct
-    traces teach different generators."""
+    """hard_assignment, but the distinct traces of one input go to distinct latents: the injective
+    map from an input's (first K) distinct traces to the K latents with the highest summed
+    log p_psi(y|x,k). input_id, trace_id (B ints): the first pair with the same x, the same (x, y);
+    a repeated trace follows its first copy. Two latents that write one strategy of x cannot both
+    keep its trace, so an input's distinct traces teach different generators."""
     loglik = token_logp.detach().sum(-1)  # (B, K)
     K, assign = loglik.shape[1], loglik.argmax(-1)  # (B,)
     traces_of = {}
@@ -325,7 +326,8 @@ def per_input_assignment(token_logp, input_id, trace_id):
     for traces in traces_of.values():
         traces = traces[:K]
         maps = torch.tensor(list(itertools.permutations(range(K), len(traces))), device=loglik.device)  # (P, n)
-        best = maps[loglik[traces][torch.arange(len(traces)), maps].sum(1).argmax()]  # (n,)
+        map_scores = loglik[traces][torch.arange(len(traces)), maps].sum(1)  # (P,)
+        best = maps[map_scores.argmax()]  # (n,) the latent of each trace
         for trace, latent in zip(traces, best):
             assign[trace_id == trace] = latent
     return F.one_hot(assign, K).float()
@@ -493,8 +495,12 @@ def objective(fact, base, batch, cfg):
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
         # (B, K) the weights R trains with
-        recon_q = q if not cfg.hard_em else hard_assignment(p.token_logp) if cfg.traces_per_input == 1 \
-            else per_input_assignment(p.token_logp, batch["input_id"], batch["trace_id"])
+        if not cfg.hard_em:
+            recon_q = q
+        elif cfg.traces_per_input > 1:
+            recon_q = per_input_assignment(p.token_logp, batch["input_id"], batch["trace_id"])
+        else:
+            recon_q = hard_assignment(p.token_logp)
         recon = discrete_recon_loss(recon_q, p.token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)
