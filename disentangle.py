@@ -32,7 +32,8 @@ Three moves outside the gradient make discovery reliable where the ELBO alone st
 components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
 sends pairs to the latent whose generator rates them highest (reassign_clusters); --starts N
 trains N starts to --start-steps and goes on with the one whose hard-EM objective under the
-posterior, max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (select_start), without labels.
+posterior, max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (select_start), without labels
+(continuous: k runs over the posterior's clusters, posterior_hard_em_objective).
 With --hard-em (classification EM, the discrete recipe) each pair trains only the generator of
 k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment. With
 --traces-per-input G each batch holds G distinct traces of each input, and the assignment is the
@@ -42,7 +43,7 @@ keep one strategy of an input, so no generator learns a blend of two.
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
     python disentangle.py --task grid --latent discrete   # 14.5 minutes on one core (sum, linear: 12.5-14.5)
-    python disentangle.py --latent continuous             # grid, 6.5 minutes on one core
+    python disentangle.py --latent continuous             # grid, 13 minutes on one core (four starts)
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
 Reads runs/<task>/base/ckpt.pt; writes runs/<task>/<latent>/: ckpt.pt, config.json (the resolved
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluate import (factorization_metrics, fit_probes, generate_ys, hard_em_objective, latent_log_likelihoods,
-                      latent_loss_ratios, posterior_distribution, save_posterior_snapshot)
+                      latent_loss_ratios, posterior_distribution, record_log_probs, save_posterior_snapshot)
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
                    load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
                    pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
@@ -112,7 +113,7 @@ class Config:
     hard_em: bool = arg(False, "discrete: recon trains only each pair's latent of highest log p_psi(y|x,k)")
     traces_per_input: int = arg(1, "discrete, --hard-em: each batch holds this many distinct traces of each "
                                    "input, which go to distinct latents")
-    starts: int = arg(1, "discrete: train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
+    starts: int = arg(1, "train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation during training")
@@ -124,8 +125,8 @@ class Config:
     def ignored(self):
         """The settings that this configuration does not read: {name: the setting that makes it so}."""
         other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
-                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "starts",
-                                "hard_em", "traces_per_input")}[self.latent]
+                 "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "hard_em",
+                                "traces_per_input")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
         ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
         ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
@@ -158,6 +159,8 @@ class Config:
             raise ValueError(f"--start-steps must be below --steps {self.steps}, got {self.start_steps}{recipe}")
         if self.reassign and not self.cluster_init:
             raise ValueError(f"--reassign {self.reassign} (from the recipe) needs --cluster-init; add --reassign 0")
+        if self.latent == "continuous" and self.starts > 1 and not self.cluster_init:
+            raise ValueError("--starts scores the posterior's clusters around the codes: it needs --cluster-init")
         if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
             raise ValueError(f"--cluster-init puts {n_strategies} strategies on a simplex: --dz must be at least "
                              f"{n_strategies - 1}, got {self.dz}")
@@ -175,7 +178,7 @@ def latent_recipe(latent, n_strategies):
 
 # What a (task, latent) pair adds: steps that follow from the trace length; continuous, per task
 TASK_RECIPES = {
-    ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture"},
+    ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
     ("multidigit_addition", "discrete"): {"steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},
@@ -686,6 +689,22 @@ def cluster_posterior(fact, base, task, cfg):
     return (torch.bincount(assign, minlength=n_clusters).float() / len(assign)).tolist()
 
 
+@dataclass
+class PosteriorClusters:
+    assign: torch.Tensor  # (N,) each pair's cluster: that of the code nearest its posterior mean
+    centroids: torch.Tensor  # (C, dz) the mean of mu_xi over each cluster (its code where it has none)
+    features: torch.Tensor  # (N, d) the pooled y-states the posterior head reads
+
+
+@torch.no_grad()
+def posterior_clusters(fact, task, pairs):
+    """Continuous: the clusters the posterior puts pairs in, one per code (fact.codes)."""
+    (mu, _), features = posterior_distribution(fact, task, pairs, features=True)
+    codes = fact.codes.cpu()
+    assign = torch.cdist(mu, codes).argmin(1)  # (N,)
+    return PosteriorClusters(assign, cluster_means(mu, assign, codes), features)
+
+
 @torch.no_grad()
 def reassign_clusters(fact, base, task, cfg, step):
     """The classification step of hard EM, the generator as the judge: each of CLUSTER_PAIRS fresh
@@ -694,16 +713,16 @@ def reassign_clusters(fact, base, task, cfg, step):
     generator trained on a k-means group decodes the group's strategy, so a stray trace rates
     higher under its own strategy's latent. Returns the share of pairs that changed cluster."""
     pairs = training_pairs(task, base, cfg, step, fact.lm.tok_emb.weight.device, "reassign", CLUSTER_PAIRS)
-    posterior, features = posterior_distribution(fact, task, pairs, features=True)
     if fact.latent == "discrete":
+        posterior, features = posterior_distribution(fact, task, pairs, features=True)
         current = posterior.argmax(1)  # (N,)
         assign = latent_log_likelihoods(fact, task, pairs).argmax(1)  # (N,)
         posterior_to_labels(fact, features, assign)
     else:
-        mu, codes = posterior[0], fact.codes.cpu()
-        current = torch.cdist(mu, codes).argmin(1)  # (N,) the cluster the posterior puts each pair in
-        assign = latent_log_likelihoods(fact, task, pairs, cluster_means(mu, current, codes)).argmax(1)  # (N,)
-        posterior_to_codes(fact, features, assign.to(features.device))
+        clusters = posterior_clusters(fact, task, pairs)
+        current = clusters.assign
+        assign = latent_log_likelihoods(fact, task, pairs, clusters.centroids).argmax(1)  # (N,)
+        posterior_to_codes(fact, clusters.features, assign.to(clusters.features.device))
     fact.train()  # the likelihoods were read in eval mode
     return (assign != current).float().mean().item()
 
@@ -801,17 +820,32 @@ class Start:
     hard_em_objective: float  # under the posterior, on the "select" pairs, which every start shares
 
 
+@torch.no_grad()
+def posterior_hard_em_objective(fact, task, pairs):
+    """The hard-EM objective under the posterior, mean_n max_k [log p_psi(y|x,k) + log q(k|x,y)]
+    (evaluate.hard_em_objective), on pairs. Continuous: k runs over the posterior's clusters, the
+    generator read at each cluster's centroid, and q is one-hot on the pair's own cluster
+    (posterior_clusters), so the objective is mean_n log p_psi(y_n|x_n, z = its cluster's centroid)."""
+    if fact.latent == "discrete":
+        posterior_logq = posterior_distribution(fact, task, pairs).clamp(min=1e-12).log()  # (N, K)
+        return hard_em_objective(latent_log_likelihoods(fact, task, pairs), posterior_logq)
+    clusters = posterior_clusters(fact, task, pairs)
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    return record_log_probs(fact.lm, task, xs, ys, latent=clusters.centroids[clusters.assign]).mean().item()
+
+
 def start_seed(seed, start):
     return seed + 1000 * start  # start 0 is the run's own seed
 
 
 def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     """The first cfg.start_steps steps of the run with seed start_seed(cfg.seed, start) (initialisation,
-    clusters and data), scored by the hard-EM objective under the posterior,
-    mean max_k [log p_psi(y|x,k) + log q(k|x,y)]. With deterministic traces it is near 0 when each
-    latent writes one strategy under the same name on every input, since q, one linear head on the
-    pooled features, can then name each trace's latent; it is lower for an entangled factorization
-    (the generators' evidence) and for one whose latents swap strategies from input to input (q's)."""
+    clusters and data), scored by posterior_hard_em_objective. With deterministic traces it is near 0
+    when each latent writes one strategy under the same name on every input, since q, one linear head
+    on the pooled features, can then name each trace's latent; it is lower for an entangled
+    factorization (the generators' evidence) and for one whose latents swap strategies from input to
+    input (q's). Continuous: lower where a cluster of the posterior holds two strategies, or where
+    the generator does not write one strategy at a cluster's centroid."""
     start_cfg = replace(cfg, seed=start_seed(cfg.seed, start))
     seed_everything(start_cfg.seed)
     fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
@@ -820,9 +854,7 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     fact.train()
     train_steps(fact, base, task, optimizer, start_cfg, device, 0, cfg.start_steps, records.append)
     torch_rng = torch.get_rng_state()
-    pairs = training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS)
-    posterior_logq = posterior_distribution(fact, task, pairs).clamp(min=1e-12).log()  # (N, K)
-    score = hard_em_objective(latent_log_likelihoods(fact, task, pairs), posterior_logq)
+    score = posterior_hard_em_objective(fact, task, training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS))
     fact.train()
     return Start(fact, optimizer, records, torch_rng, score)
 

@@ -448,6 +448,21 @@ def test_continuous_cluster_posterior_gives_each_cluster_a_corner(tiny_base):
     assert torch.bincount(nearest, minlength=3).div(len(mu)).tolist() == pytest.approx(shares, abs=0.05)
 
 
+def test_continuous_start_score_reads_each_pair_at_its_clusters_centroid(tiny_base):
+    fact, _ = tiny_fact(tiny_base, "continuous", K=0)
+    task, pairs = grid_pairs(24)
+    D.cluster_posterior(fact, None, task, D.Config(data="dgp", latent="continuous", cluster_init=4, dz=4))
+    clusters = D.posterior_clusters(fact, task, pairs)
+    mu = evaluate.posterior_distribution(fact, task, pairs)[0]  # (N, dz)
+    assert clusters.assign.tolist() == torch.cdist(mu, fact.codes).argmin(1).tolist()
+    assert len(set(clusters.assign.tolist())) > 1  # the k-means start spread the pairs
+    for c in set(clusters.assign.tolist()):
+        assert torch.allclose(clusters.centroids[c], mu[clusters.assign == c].mean(0))
+    table = evaluate.latent_log_likelihoods(fact, task, pairs, clusters.centroids)  # (N, C)
+    own = table.gather(1, clusters.assign[:, None]).mean().item()  # q one-hot on the pair's cluster
+    assert D.posterior_hard_em_objective(fact, task, pairs) == pytest.approx(own, rel=1e-4)
+
+
 def test_latent_log_likelihoods_equal_one_pair_and_one_latent_at_a_time(tiny_base):
     task, pairs = grid_pairs(3)
     z = torch.randn(2, 4)  # (C, dz)
@@ -505,8 +520,8 @@ def test_no_flag_config_is_the_recipe():
     assert (discrete["grid"].starts, discrete["grid"].start_steps, discrete["grid"].hard_em,
             discrete["grid"].traces_per_input) == (6, 600, True, 2)
     grid = resolved(["--latent", "continuous"])
-    assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data) == \
-        (1.0, 0.0, 16, 300, "mixture", "dgp")
+    assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data, grid.starts) == \
+        (1.0, 0.0, 16, 300, "mixture", "dgp", 4)
 
 
 def test_a_given_flag_overrides_the_recipe():
@@ -529,11 +544,12 @@ def test_the_advice_of_an_error_is_accepted():
 def tiny_args(tiny_base, out, latent, *extra):
     args = ["--task", "grid", "--latent", latent, "--base", str(tiny_base), "--out", str(out), "--steps", "4",
             "--batch-size", "4", "--eval-interval", "2", "--eval-inputs", "12", "--final-inputs", "12",
-            "--log-interval", "1", "--device", "cpu", "--cluster-init", "4", "--cluster-hold", "2", "--reassign", "2"]
+            "--log-interval", "1", "--device", "cpu", "--cluster-init", "4", "--cluster-hold", "2", "--reassign", "2",
+            "--starts", "1"]
     if latent == "continuous":
         args += ["--dz", "4", "--samples", "2", "--posterior-variance", "0.1"]
     else:
-        args += ["--posterior-entropy", "0.1", "--starts", "1"]
+        args += ["--posterior-entropy", "0.1"]
     return args + ["--normalized-recon", "--free-bits", "0.1", "--beta", "0.5", *extra]
 
 
@@ -600,8 +616,10 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     assert not list(moved.glob("*.tmp.*"))
 
 
-def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exactly(tiny_base, tmp_path, monkeypatch):
-    args = lambda out, *extra: tiny_args(tiny_base, out, "discrete", "--starts", "3", "--start-steps", "2", *extra)
+@pytest.mark.parametrize("latent", ["discrete", "continuous"])
+def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exactly(tiny_base, tmp_path, monkeypatch,
+                                                                                     latent):
+    args = lambda out, *extra: tiny_args(tiny_base, out, latent, "--starts", "3", "--start-steps", "2", *extra)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert D.main(args(straight)) == 0
     log = read_log(straight / "log.jsonl")
@@ -610,9 +628,9 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     assert len(scores) == 3 and len(set(scores)) == 3  # three different starts
     assert choice["start/chosen"] == scores.index(max(scores))
     assert [r["step"] for r in log if "loss/total" in r] == [1, 2, 3, 4]  # the chosen start's lines only
-    assert [r["step"] for r in log if "alignment_one_to_one" in r] == [2, 4]
+    assert [r["step"] for r in log if "eval_inputs" in r] == [2, 4]
     alone = tmp_path / "alone"  # the chosen start trains as the run with its seed would
-    assert D.main(tiny_args(tiny_base, alone, "discrete", "--seed", str(D.start_seed(0, choice["start/chosen"])))) == 0
+    assert D.main(tiny_args(tiny_base, alone, latent, "--seed", str(D.start_seed(0, choice["start/chosen"])))) == 0
     losses = lambda log: [r for r in log if "loss/total" in r]
     assert losses(read_log(alone / "log.jsonl")) == losses(log)
     train_step = D.train_step
@@ -643,7 +661,7 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     (["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
     (["--router", "mixture"], "--router has no effect with --latent discrete"),
     (["--starts", "1", "--start-steps", "100"], "--start-steps has no effect with --starts 1"),
-    (["--latent", "continuous", "--starts", "3"], "--starts has no effect with --latent continuous"),
+    (["--latent", "continuous", "--starts", "3", "--cluster-init", "0", "--reassign", "0"], "it needs --cluster-init"),
     (["--starts", "2", "--steps", "300"], "--start-steps must be below --steps 300, got 600"),
     (["--steps", "300"], "got 600 (--starts 6 is the recipe's; add --starts 1)"),
     (["--batch-size", "15"], "--batch-size 15 must be a multiple of --traces-per-input 2"),
