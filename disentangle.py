@@ -16,6 +16,7 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
        discrete: sum_k q(k|x,y) log p_psi(y|x,k), all K in one forward      discrete_recon_loss
        --hard-em: q = one_hot(argmax_k log p_psi(y|x,k)), classification EM          hard_assignment
        --traces-per-input G: an input's G distinct traces to distinct latents   per_input_assignment
+       --posterior-vote N: for N steps argmax_k [log p_psi(y|x,k) + log q(k|x,y)]   assignment_scores
        continuous: (1/S) sum_s log p_psi(y|x, mu_xi + sigma_xi eps_s)        continuous_recon_loss
     K  KL(q_xi(z|x,y) || p_phi(z|x))   categorical_kl, gaussian_kl, mixture_kl (sampled); free_bits_kl
     aux, each behind its flag, times that flag's weight:
@@ -38,7 +39,11 @@ With --hard-em (classification EM, the discrete recipe) each pair trains only th
 k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment. With
 --traces-per-input G each batch holds G distinct traces of each input, and the assignment is the
 injective one of highest likelihood among them (per_input_assignment): two latents cannot both
-keep one strategy of an input, so no generator learns a blend of two.
+keep one strategy of an input, so no generator learns a blend of two. With --posterior-vote N the
+E-step of the first N steps maximises log p_psi(y|x,k) + log q(k|x,y) (assignment_scores), so
+that the generators start from the k-means clusters rather than from their own near-ties, but
+only where those clusters separate the two traces of at least VOTE_SPLIT of inputs
+(cluster_split_rate): two distinct traces of one input are two strategies, no label is read.
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
@@ -111,6 +116,8 @@ class Config:
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
                            "a hard-EM reassignment (0: off)")
     hard_em: bool = arg(False, "discrete: recon trains only each pair's latent of highest log p_psi(y|x,k)")
+    posterior_vote: int = arg(0, "discrete, --hard-em: for this many first steps the E-step adds log q(k|x,y) "
+                                 "to log p_psi(y|x,k)")
     traces_per_input: int = arg(1, "discrete, --hard-em: each batch holds this many distinct traces of each "
                                    "input, which go to distinct latents")
     starts: int = arg(1, "train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
@@ -126,12 +133,14 @@ class Config:
         """The settings that this configuration does not read: {name: the setting that makes it so}."""
         other = {"discrete": ("dz", "samples", "posterior_variance", "router", "components"),
                  "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "hard_em",
-                                "traces_per_input")}[self.latent]
+                                "traces_per_input", "posterior_vote")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
-        ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign") if not self.cluster_init})
+        ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign", "posterior_vote")
+                        if not self.cluster_init})
         ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
         ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
-        ignored.update({"traces_per_input": "--no-hard-em"} if not self.hard_em else {})
+        ignored.update({name: "--no-hard-em" for name in ("traces_per_input", "posterior_vote")
+                        if not self.hard_em and self.latent == "discrete"})
         ignored.update({"components": "--router gaussian"} if self.router == "gaussian" else {})
         return ignored
 
@@ -157,8 +166,11 @@ class Config:
         if self.starts > 1 and self.start_steps >= self.steps:
             recipe = "" if "starts" in given else f" (--starts {self.starts} is the recipe's; add --starts 1)"
             raise ValueError(f"--start-steps must be below --steps {self.steps}, got {self.start_steps}{recipe}")
-        if self.reassign and not self.cluster_init:
-            raise ValueError(f"--reassign {self.reassign} (from the recipe) needs --cluster-init; add --reassign 0")
+        needs_clusters = [f"--{name.replace('_', '-')}" for name in ("reassign", "posterior_vote")
+                          if getattr(self, name) and not self.cluster_init]
+        if needs_clusters:
+            raise ValueError(f"{' and '.join(needs_clusters)} (from the recipe) need --cluster-init; add "
+                             + " ".join(f"{flag} 0" for flag in needs_clusters))
         if self.latent == "continuous" and self.starts > 1 and not self.cluster_init:
             raise ValueError("--starts scores the posterior's clusters around the codes: it needs --cluster-init")
         if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
@@ -172,7 +184,8 @@ def latent_recipe(latent, n_strategies):
     refitted every 300 steps, six starts chosen at step 600, two distinct traces of each input per batch."""
     if latent == "discrete":
         return {"hard_em": True, "router_marginal_kl": 10.0, "router_support": 0.1,
-                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 6, "traces_per_input": 2}
+                "cluster_init": 4 * (n_strategies + 1), "reassign": 300, "starts": 6, "traces_per_input": 2,
+                "posterior_vote": 300}
     return {"router_marginal_kl": 1.0}
 
 
@@ -206,12 +219,13 @@ def latent_ids(K):
     return [STOI[t] for t in LATENT_TOKENS[:K]]
 
 
-def training_pairs(task, base, cfg, step, device, stream="train", n=0):
-    """n (default batch_size) pairs, x from the training split, y ~ p*(y|x) (or y ~ p_base). Each
-    stream ("train", "init", "clusters", "reassign") draws from (seed, stream, step) alone. Under
-    --hard-em the "train" stream holds traces_per_input distinct traces of each of its inputs."""
+def training_pairs(task, base, cfg, step, device, stream="train", n=0, per_input=0):
+    """n (default batch_size) pairs, x from the training split, y ~ p*(y|x) (or y ~ p_base), per_input
+    distinct traces of each input. Each stream ("train", "init", "clusters", "split", "reassign")
+    draws from (seed, stream, step) alone. per_input 0: under --hard-em the "train" stream holds
+    traces_per_input traces of each of its inputs, the others one."""
     rng, n = random.Random(f"{stream}/{cfg.seed}/{step}"), n or cfg.batch_size
-    per_input = cfg.traces_per_input if stream == "train" and cfg.hard_em else 1
+    per_input = per_input or (cfg.traces_per_input if stream == "train" and cfg.hard_em else 1)
     if cfg.data == "dgp":
         inputs = (sample_split_input(task, rng, "train") for _ in range(n // per_input))
         return [(x, y) for x in inputs for y in distinct_traces(task, x, rng, per_input)]
@@ -304,32 +318,40 @@ def discrete_recon_loss(q, token_logp, weights):
     return -(q * (token_logp * weights[:, None]).sum(-1)).sum(-1)
 
 
-def hard_assignment(token_logp):
-    """The classification E-step: one_hot(argmax_k log p_psi(y|x,k)) (B, K) from token_logp
-    (B, K, T-1); no gradient. The prior is uniform (the router is left out), so no latent wins pairs
-    by its prior alone, and so is q: a posterior that splits pairs by anything but the strategy
-    would teach the generators blends. A latent that writes a strategy slightly more often gets more
-    of its traces and writes it more often still."""
-    return F.one_hot(token_logp.detach().sum(-1).argmax(-1), token_logp.shape[1]).float()
+def assignment_scores(token_logp, posterior_logq=None):
+    """What the classification E-step maximises, (B, K), no gradient: log p_psi(y|x,k), summed over
+    y from token_logp (B, K, T-1); with posterior_logq (B, K) (--posterior-vote), the hard-EM
+    objective under the posterior, log p_psi(y|x,k) + log q(k|x,y). Early on the generators are
+    still the base model and rate every latent almost alike, so their argmax scatters the k-means
+    start; the vote keeps a pair on its cluster until a generator rates it clearly elsewhere."""
+    scores = token_logp.detach().sum(-1)
+    return scores if posterior_logq is None else scores + posterior_logq.detach()
 
 
-def per_input_assignment(token_logp, input_id, trace_id):
+def hard_assignment(scores):
+    """The classification E-step: one_hot(argmax_k scores) (B, K) from assignment_scores (B, K).
+    The prior is uniform (the router is left out), so no latent wins pairs by its prior alone. A
+    latent that writes a strategy slightly more often gets more of its traces and writes it more
+    often still."""
+    return F.one_hot(scores.argmax(-1), scores.shape[1]).float()
+
+
+def per_input_assignment(scores, input_id, trace_id):
     """hard_assignment, but the distinct traces of one input go to distinct latents: the injective
-    map from an input's (first K) distinct traces to the K latents with the highest summed
-    log p_psi(y|x,k). input_id, trace_id (B ints): the first pair with the same x, the same (x, y);
-    a repeated trace follows its first copy. Two latents that write one strategy of x cannot both
-    keep its trace, so an input's distinct traces teach different generators."""
-    loglik = token_logp.detach().sum(-1)  # (B, K)
-    K, assign = loglik.shape[1], loglik.argmax(-1)  # (B,)
+    map from an input's (first K) distinct traces to the K latents with the highest summed scores
+    (B, K). input_id, trace_id (B ints): the first pair with the same x, the same (x, y); a repeated
+    trace follows its first copy. Two latents that write one strategy of x cannot both keep its
+    trace, so an input's distinct traces teach different generators."""
+    K, assign = scores.shape[1], scores.argmax(-1)  # (B,)
     traces_of = {}
     for pair, (first_of_input, first_of_trace) in enumerate(zip(input_id, trace_id)):
         if first_of_trace == pair:  # one pair per distinct trace
             traces_of.setdefault(first_of_input, []).append(pair)
-    trace_id = torch.tensor(trace_id, device=loglik.device)  # (B,)
+    trace_id = torch.tensor(trace_id, device=scores.device)  # (B,)
     for traces in traces_of.values():
         traces = traces[:K]
-        maps = torch.tensor(list(itertools.permutations(range(K), len(traces))), device=loglik.device)  # (P, n)
-        map_scores = loglik[traces][torch.arange(len(traces)), maps].sum(1)  # (P,)
+        maps = torch.tensor(list(itertools.permutations(range(K), len(traces))), device=scores.device)  # (P, n)
+        map_scores = scores[traces][torch.arange(len(traces)), maps].sum(1)  # (P,)
         best = maps[map_scores.argmax()]  # (n,) the latent of each trace
         for trace, latent in zip(traces, best):
             assign[trace_id == trace] = latent
@@ -488,8 +510,9 @@ class Objective:
     diagnostics: dict  # detached tensors for the log, turned into floats only when logged
 
 
-def objective(fact, base, batch, cfg):
-    """The loss J = R + beta K + aux on one batch; discrete latents enumerated, continuous sampled."""
+def objective(fact, base, batch, cfg, posterior_votes=False):
+    """The loss J = R + beta K + aux on one batch; discrete latents enumerated, continuous sampled.
+    posterior_votes: the hard-EM E-step adds log q(k|x,y) (--posterior-vote)."""
     stats, mask = base_token_stats(base, batch), batch["base_mask"].float()
     weights, jsd_weights = token_weights(mask, stats.entropy_share, cfg.token_weighted)
     posterior_states = stats.states if cfg.cluster_init else None  # a frozen posterior backbone is the base
@@ -498,12 +521,13 @@ def objective(fact, base, batch, cfg):
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
         # (B, K) the weights R trains with
+        scores = assignment_scores(p.token_logp, p.posterior_logq if posterior_votes else None)  # (B, K)
         if not cfg.hard_em:
             recon_q = q
         elif cfg.traces_per_input > 1:
-            recon_q = per_input_assignment(p.token_logp, batch["input_id"], batch["trace_id"])
+            recon_q = per_input_assignment(scores, batch["input_id"], batch["trace_id"])
         else:
-            recon_q = hard_assignment(p.token_logp)
+            recon_q = hard_assignment(scores)
         recon = discrete_recon_loss(recon_q, p.token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)
@@ -689,6 +713,24 @@ def cluster_posterior(fact, base, task, cfg):
     return (torch.bincount(assign, minlength=n_clusters).float() / len(assign)).tolist()
 
 
+VOTE_SPLIT = 0.9  # the k-means start votes when it separates at least this share of inputs' two traces
+
+
+@torch.no_grad()
+def cluster_split_rate(fact, base, task, cfg):
+    """The share of inputs whose two distinct traces the posterior puts in different clusters, on
+    CLUSTER_PAIRS fresh pairs. Two distinct traces of one input are two strategies, so the share is
+    1 when the clusters are the strategies, and about 1 - 1/K by chance, less when the clusters
+    group inputs: a read of the k-means start without labels."""
+    pairs = training_pairs(task, base, cfg, 0, fact.lm.tok_emb.weight.device, "split", CLUSTER_PAIRS, per_input=2)
+    clusters = posterior_distribution(fact, task, pairs).argmax(1).tolist()  # (N,)
+    cluster_of = {}  # input -> {trace: cluster}
+    for (x, y), cluster in zip(pairs, clusters):
+        cluster_of.setdefault(tuple(task.input_tokens(x)), {}).setdefault(tuple(y), cluster)
+    split = [len(set(traces.values())) > 1 for traces in cluster_of.values() if len(traces) > 1]
+    return sum(split) / max(len(split), 1)
+
+
 @dataclass
 class PosteriorClusters:
     assign: torch.Tensor  # (N,) each pair's cluster: that of the code nearest its posterior mean
@@ -735,9 +777,17 @@ INIT_TOLERANCE = 0.05  # at step 0 every latent's y-loss is within 5% of the bas
 INIT_PAIRS = 256  # pairs that check: on one batch the ratio's own noise can exceed the tolerance
 
 
+@dataclass
+class Initialisation:
+    records: list  # the log records of step 0
+    posterior_vote: int  # the steps the posterior votes in the E-step: --posterior-vote, or 0 (cluster_split_rate)
+
+
 def start_at_base(fact, base, task, cfg, device):
     """Step 0: the y-loss under every latent within INIT_TOLERANCE of the base model's (latent
-    noise that breaks it is halved until it holds), then the k-means start. Returns log records."""
+    noise that breaks it is halved until it holds), then the k-means start. With --posterior-vote
+    the posterior votes only if its clusters separate at least VOTE_SPLIT of inputs' two traces:
+    clusters that are not the strategies would teach the generators their own split."""
     pairs = training_pairs(task, base, cfg, 0, device, "init", INIT_PAIRS)
     ratio, noise_scale = latent_loss_ratios(fact, base, task, pairs), 1.0
     while fact.K and max(ratio) > 1 + INIT_TOLERANCE and noise_scale > 1 / 64:
@@ -750,7 +800,14 @@ def start_at_base(fact, base, task, cfg, device):
         shares = cluster_posterior(fact, base, task, cfg)
         tqdm.write(f"step 0: posterior from k-means, cluster shares {[round(v, 2) for v in shares]}")
         records.append({"step": 0, "init/cluster_shares": shares})
-    return records
+    posterior_vote = cfg.posterior_vote if cfg.latent == "discrete" and cfg.hard_em else 0
+    if posterior_vote:
+        split = cluster_split_rate(fact, base, task, cfg)
+        posterior_vote = posterior_vote if split >= VOTE_SPLIT else 0
+        tqdm.write(f"step 0: the clusters separate the two traces of {split:.1%} of inputs; the posterior votes "
+                   f"for {posterior_vote} steps")
+        records.append({"step": 0, "init/cluster_split": split, "init/posterior_vote": posterior_vote})
+    return Initialisation(records, posterior_vote)
 
 
 def load_base(cfg, device):
@@ -780,7 +837,7 @@ def train_step(fact, base, task, optimizer, cfg, step, device, hold_posterior):
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps, decay=cfg.lr_decay)
     with autocast(device, cfg.precision):
-        obj = objective(fact, base, batch, cfg)
+        obj = objective(fact, base, batch, cfg, posterior_votes=step < cfg.posterior_vote)
     optimizer.zero_grad(set_to_none=True)
     obj.loss.backward()
     if hold_posterior:  # the generators first learn the clusters the posterior starts from
@@ -817,6 +874,7 @@ class Start:
     optimizer: torch.optim.Optimizer
     records: list  # its log lines
     torch_rng: torch.Tensor  # the RNG state to continue from
+    posterior_vote: int  # the steps its posterior votes (Initialisation)
     hard_em_objective: float  # under the posterior, on the "select" pairs, which every start shares
 
 
@@ -850,13 +908,14 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     seed_everything(start_cfg.seed)
     fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
-    records = start_at_base(fact, base, task, start_cfg, device)
+    init = start_at_base(fact, base, task, start_cfg, device)
+    start_cfg, records = replace(start_cfg, posterior_vote=init.posterior_vote), init.records
     fact.train()
     train_steps(fact, base, task, optimizer, start_cfg, device, 0, cfg.start_steps, records.append)
     torch_rng = torch.get_rng_state()
     score = posterior_hard_em_objective(fact, task, training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS))
     fact.train()
-    return Start(fact, optimizer, records, torch_rng, score)
+    return Start(fact, optimizer, records, torch_rng, init.posterior_vote, score)
 
 
 def select_start(cfg, base, task, base_dir, base_ckpt, device):
@@ -894,7 +953,7 @@ def main(argv=None):
     ckpt = open_run(out, cfg.resume, fact, optimizer, asdict(cfg), VOCAB, task.name,
                     {**asdict(cfg), "k": fact.K, "base": base_dir, "machine": machine_info(device)})
     start_step, seconds, t0 = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0), time.perf_counter()
-    chosen = ckpt.get("start", 0)
+    chosen, posterior_vote = ckpt.get("start", 0), ckpt.get("posterior_vote", 0)
 
     def evaluate_and_checkpoint(step):
         n_inputs = cfg.final_inputs if step == cfg.steps else cfg.eval_inputs
@@ -905,7 +964,7 @@ def main(argv=None):
         if step:
             save_checkpoint(ckpt_path, fact, VOCAB, task.name, optimizer=optimizer.state_dict(), step=step,
                             train_config=asdict(cfg), torch_rng=torch.get_rng_state(), train_seconds=elapsed,
-                            start=chosen)
+                            start=chosen, posterior_vote=posterior_vote)
         tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         if step == cfg.steps:
             write_json(os.path.join(out, "metrics.json"),
@@ -913,13 +972,15 @@ def main(argv=None):
 
     if start_step == 0 and cfg.starts > 1:  # the first phase ran in each start; the chosen one goes on
         chosen, best = select_start(cfg, base, task, base_dir, base_ckpt, device)
-        fact, optimizer, start_step = best.fact, best.optimizer, cfg.start_steps
+        fact, optimizer, start_step, posterior_vote = best.fact, best.optimizer, cfg.start_steps, best.posterior_vote
         torch.set_rng_state(best.torch_rng)
         for record in best.records:
             append_jsonl(log_path, record)
         evaluate_and_checkpoint(start_step)
     elif start_step == 0:
-        for record in start_at_base(fact, base, task, cfg, device):
+        init = start_at_base(fact, base, task, cfg, device)
+        posterior_vote = init.posterior_vote
+        for record in init.records:
             append_jsonl(log_path, record)
         evaluate_and_checkpoint(0)
 
@@ -927,9 +988,10 @@ def main(argv=None):
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             evaluate_and_checkpoint(done)
 
-    fact.train()  # the training data of the chosen start's seed (the run's own with --starts 1)
-    train_steps(fact, base, task, optimizer, replace(cfg, seed=start_seed(cfg.seed, chosen)), device, start_step,
-                cfg.steps, lambda record: append_jsonl(log_path, record), after_step)
+    fact.train()  # the training data and the vote of the chosen start (the run's own with --starts 1)
+    run_cfg = replace(cfg, seed=start_seed(cfg.seed, chosen), posterior_vote=posterior_vote)
+    train_steps(fact, base, task, optimizer, run_cfg, device, start_step, cfg.steps,
+                lambda record: append_jsonl(log_path, record), after_step)
     return 0
 
 

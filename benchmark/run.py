@@ -16,7 +16,7 @@ machines, and a base model whose folder is gone is trained again only when a sta
 needs it. A base record counts only while its settings are train_base.py's defaults, a stage-2
 record only while its settings are the current recipe's (disentangle.RECIPES) and it ran on the
 recorded base model: after either changes, the runs are run again, the earlier folder kept as
-<run>.earlier-N.
+<run>.earlier-N, and until then the report shows their records apart, under the earlier recipe.
 """
 
 import argparse
@@ -326,8 +326,27 @@ def base_table(records, tasks):
     return rows
 
 
-def stage2_table(records, tasks, latent, seeds):
+def seed_table(found, latent):
+    """The rows of one table of stage-2 runs, [(seed, config, values)], with min, mean and max."""
     keys = list(TARGETS[latent])
+    rows = ["| seed | command | steps | inputs | wall-clock | machine | started | " + " | ".join(keys)
+            + " | meets all |", "|---" * (8 + len(keys)) + "|"]
+    for seed, config, values in found:
+        where, started = machine(config)
+        meets = meets_all(values, latent)
+        rows.append(f"| {seed} | `{command(config, 'disentangle.py')}` | {config['steps']} | "
+                    f"{values.get('eval_inputs', '?')} | {values['train_seconds']:.0f} s | {where} | {started} | "
+                    + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
+    n_meet = sum(meets_all(v, latent) for _, _, v in found)
+    for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
+        cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
+        meets = f"{n_meet} of {len(found)}" if label == "min" else ""
+        rows.append(f"| **{label}** | | | | | | | {cells} | {meets} |")
+    return rows + [""]
+
+
+def stage2_table(records, tasks, latent, seeds):
+    """Per task: the runs of the current recipe, then those recorded with an earlier one, apart."""
     rows = []
     for task in tasks:
         found, earlier, on_earlier = [], [], []
@@ -339,30 +358,22 @@ def stage2_table(records, tasks, latent, seeds):
                     found.append((seed, config, stage2_values(metrics, latent)))
                     on_earlier += [seed] if on_earlier_base(config, base_config) else []
                 else:
-                    earlier.append(seed)
+                    earlier.append((seed, config, stage2_values(metrics, latent)))
+        if not found and not earlier:
+            continue
         name, again = get_task(task).name, f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}`"
         seeds_text = lambda s: f"Seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}"
-        rerun = f"{seeds_text(earlier)}: recorded with an earlier recipe, not shown; {again} runs them again."
-        older = (f"{seeds_text(on_earlier)} ran on a base model trained before the one in the table of base models "
-                 f"(started {machine(base_config or {})[1]}); {again} runs them again on it.")
-        if not found:
-            rows += [f"### {name}, {latent}", "", rerun, ""] if earlier else []
-            continue
-        rows += [f"### {name}, {latent}", "", f"Recipe as resolved: `{settings(found[0][1])}`.", "",
-                 "| seed | command | steps | inputs | wall-clock | machine | started | " + " | ".join(keys)
-                 + " | meets all |", "|---" * (8 + len(keys)) + "|"]
-        for seed, config, values in found:
-            where, started = machine(config)
-            meets = meets_all(values, latent)
-            rows.append(f"| {seed} | `{command(config, 'disentangle.py')}` | {config['steps']} | "
-                        f"{values.get('eval_inputs', '?')} | {values['train_seconds']:.0f} s | {where} | {started} | "
-                        + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
-        n_meet = sum(meets_all(v, latent) for _, _, v in found)
-        for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
-            cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
-            meets = f"{n_meet} of {len(found)}" if label == "min" else ""
-            rows.append(f"| **{label}** | | | | | | | {cells} | {meets} |")
-        rows += [""] + ([older, ""] if on_earlier else []) + ([rerun, ""] if earlier else [])
+        rows += [f"### {name}, {latent}", ""]
+        if found:
+            rows += [f"Recipe as resolved: `{settings(found[0][1])}`.", ""] + seed_table(found, latent)
+        if on_earlier:
+            rows += [f"{seeds_text(on_earlier)} ran on a base model trained before the one in the table of base "
+                     f"models (started {machine(base_config or {})[1]}); {again} runs them again on it.", ""]
+        if earlier:
+            differ = sorted({k for _, config, _ in earlier for k in earlier_recipe(config, task, latent)})
+            rows += [f"{seeds_text([seed for seed, _, _ in earlier])}, recorded with an earlier recipe (it differs "
+                     f"in {', '.join(differ)}; {again} runs them again): `{settings(earlier[0][1])}`.", ""]
+            rows += seed_table(earlier, latent)
     return rows
 
 

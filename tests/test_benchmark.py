@@ -62,7 +62,7 @@ def test_a_base_whose_folder_is_gone_is_trained_again_only_for_a_missing_stage2_
     assert benchmark.pending_jobs(args) == []
 
 
-def test_a_run_of_an_earlier_recipe_is_not_reported_and_runs_again_in_a_fresh_folder(tmp_path):
+def test_a_run_of_an_earlier_recipe_is_reported_apart_and_runs_again_in_a_fresh_folder(tmp_path):
     args = args_for(tmp_path)
     finish(os.path.join(args.runs, "grid_pathfinding", "base"), *BASE)
     finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"), *stage2(0, 1.0))
@@ -78,8 +78,9 @@ def test_a_run_of_an_earlier_recipe_is_not_reported_and_runs_again_in_a_fresh_fo
         json.dump({"config": stage2(1, 0.5, starts=5)[0], "metrics": stage2(1, 0.5)[1]}, f)
     benchmark.write_report(args)
     report = open(args.report).read()
-    assert "| **min** | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in report  # seed 0 alone
-    assert "Seed 1: recorded with an earlier recipe" in report
+    current, earlier = report.split("Seed 1, recorded with an earlier recipe (it differs in starts;")
+    assert "| **min** | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in current  # seed 0 alone
+    assert "| **min** | | | | | | | 0.500 | 0.900 | 0.990 | 0 of 1 |" in earlier  # seed 1, apart
 
 
 def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_path, capsys):

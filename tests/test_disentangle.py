@@ -4,6 +4,7 @@ and resumes exactly, the defaults are the recipe."""
 import json
 import math
 import random
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -300,8 +301,18 @@ def test_hard_assignment_is_the_latent_the_generator_rates_highest():
     token_logp = torch.tensor([[[-1.0, -2.0], [-0.5, -0.4], [-3.0, 0.0]],
                                [[-0.1, -0.1], [-2.0, -2.0], [-0.3, -0.2]]], requires_grad=True)  # (B=2, K=3, T=2)
     # summed over y: pair 0 rates latent 1 (-0.9) highest, pair 1 latent 0 (-0.2) by 0.3 nats
-    assert D.hard_assignment(token_logp).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
-    assert not D.hard_assignment(token_logp).requires_grad
+    scores = D.assignment_scores(token_logp)  # (B, K)
+    assert D.hard_assignment(scores).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert not scores.requires_grad
+
+
+def test_posterior_vote_keeps_a_near_tie_on_its_cluster_and_yields_to_a_clear_margin():
+    token_logp = torch.tensor([[[-1.0], [-0.9]],  # pair 0: the generators prefer latent 1 by 0.1 nats
+                               [[-5.0], [-0.9]]])  # pair 1: ... by 4.1 nats, (B=2, K=2, T=1)
+    posterior_logq = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))  # q: both pairs on cluster 0
+    assert D.hard_assignment(D.assignment_scores(token_logp)).argmax(1).tolist() == [1, 1]
+    # log 0.9 - log 0.1 = 2.2 nats outweighs 0.1, not 4.1
+    assert D.hard_assignment(D.assignment_scores(token_logp, posterior_logq)).argmax(1).tolist() == [0, 1]
 
 
 def test_per_input_assignment_sends_an_inputs_distinct_traces_to_distinct_latents():
@@ -310,13 +321,11 @@ def test_per_input_assignment_sends_an_inputs_distinct_traces_to_distinct_latent
                            [-0.1, -0.5, -3.0],  # input 0, trace a again: follows its first copy
                            [-0.3, -2.0, -2.0],  # input 3, trace c: alone on its input, keeps its argmax
                            [-0.3, -0.1, -2.0]])  # input 3, trace d: distinct from c, so not latent 0
-    token_logp = loglik[..., None].repeat(1, 1, 2) / 2  # (B=5, K=3, T=2), the same sums over y
-    assign = D.per_input_assignment(token_logp, [0, 0, 0, 3, 3], [0, 1, 0, 3, 4])
+    assign = D.per_input_assignment(loglik, [0, 0, 0, 3, 3], [0, 1, 0, 3, 4])
     # input 0: (a->0, b->2) totals -0.5 against (a->1, b->0) -0.7; input 3: c->0 and d->1
     assert assign.argmax(1).tolist() == [0, 2, 0, 0, 1]
     # one trace per input is the plain hard assignment
-    assert torch.equal(D.per_input_assignment(token_logp, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),
-                       D.hard_assignment(token_logp))
+    assert torch.equal(D.per_input_assignment(loglik, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), D.hard_assignment(loglik))
 
 
 def test_batches_of_several_traces_per_input_hold_distinct_traces_and_keep_one_trace_batches():
@@ -421,6 +430,46 @@ def test_cluster_posterior_starts_confident_but_not_saturated(tiny_base):
     q = evaluate.posterior_distribution(fact, get_task("grid"), pairs)  # (N, K), the clustered pairs
     assert float(q.max(1).values.mean()) == pytest.approx(D.CLUSTER_CONFIDENCE, abs=1e-3)
     assert torch.bincount(q.argmax(1), minlength=3).div(len(q)).tolist() == pytest.approx(shares)
+
+
+def test_cluster_split_rate_is_the_share_of_inputs_whose_two_traces_fall_in_two_clusters(tiny_base, monkeypatch):
+    fact, _ = tiny_fact(tiny_base)
+    task, cfg = get_task("grid"), D.Config(data="dgp")
+
+    def posterior_by(cluster_of_pair):
+        def posterior_distribution(fact, task, pairs):
+            return torch.nn.functional.one_hot(torch.tensor([cluster_of_pair(x, y) for x, y in pairs]), 3).float()  # (N, K)
+        return posterior_distribution
+
+    strategy = lambda x, y: min(task.strategies.index(s) for s in task.check(x, y).strategies)
+    digest = lambda item: zlib.crc32(str(item).encode()) % 3
+    monkeypatch.setattr(D, "posterior_distribution", posterior_by(strategy))  # the clusters are the strategies
+    assert D.cluster_split_rate(fact, None, task, cfg) == 1.0
+    monkeypatch.setattr(D, "posterior_distribution", posterior_by(lambda x, y: digest(x)))  # clusters of inputs
+    assert D.cluster_split_rate(fact, None, task, cfg) == 0.0
+    monkeypatch.setattr(D, "posterior_distribution", posterior_by(lambda x, y: digest(y)))  # at random
+    assert 0.5 < D.cluster_split_rate(fact, None, task, cfg) < 0.8  # about 1 - 1/3
+
+
+def test_the_posterior_votes_only_where_its_clusters_split_inputs_and_a_resume_keeps_the_vote(tiny_base, tmp_path,
+                                                                                             monkeypatch):
+    args = lambda out, *extra: tiny_args(tiny_base, out, "discrete", "--posterior-vote", "4", *extra)
+    assert D.main(args(tmp_path / "untrained")) == 0  # an untrained base's clusters split at chance
+    init = next(r for r in read_log(tmp_path / "untrained" / "log.jsonl") if "init/cluster_split" in r)
+    assert init["init/cluster_split"] < D.VOTE_SPLIT and init["init/posterior_vote"] == 0
+    assert D.main(tiny_args(tiny_base, tmp_path / "no_vote", "discrete", "--posterior-vote", "0")) == 0
+    losses = lambda log: [r["loss/recon"] for r in log if "loss/recon" in r]
+    assert losses(read_log(tmp_path / "untrained" / "log.jsonl")) == \
+        losses(read_log(tmp_path / "no_vote" / "log.jsonl"))  # the check alone changes nothing
+    monkeypatch.setattr(D, "VOTE_SPLIT", 0.0)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert D.main(args(straight)) == 0
+    log = read_log(straight / "log.jsonl")
+    assert next(r for r in log if "init/posterior_vote" in r)["init/posterior_vote"] == 4
+    assert losses(log) != losses(read_log(tmp_path / "untrained" / "log.jsonl"))  # the vote changes training
+    run_killed_at_step_3(monkeypatch, args(stopped))  # inside the vote
+    assert D.main(args(stopped, "--resume")) == 0
+    assert read_log(stopped / "log.jsonl") == log
 
 
 def test_simplex_vertices_are_equidistant_and_centred():
@@ -530,11 +579,11 @@ def test_a_given_flag_overrides_the_recipe():
 
 
 def test_the_advice_of_an_error_is_accepted():
-    # "--cluster-init 0" alone is refused with "add --reassign 0"; with it, the config is valid
-    cfg, given = parse_config(D.Config, ["--cluster-init", "0", "--reassign", "0"])
+    # "--cluster-init 0" alone is refused with "add --reassign 0 --posterior-vote 0"; with it, the config is valid
+    cfg, given = parse_config(D.Config, ["--cluster-init", "0", "--reassign", "0", "--posterior-vote", "0"])
     D.apply_recipe(cfg, given)
     cfg.validate(given, 3)
-    assert (cfg.cluster_init, cfg.reassign) == (0, 0)
+    assert (cfg.cluster_init, cfg.reassign, cfg.posterior_vote) == (0, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,6 +600,21 @@ def tiny_args(tiny_base, out, latent, *extra):
     else:
         args += ["--posterior-entropy", "0.1"]
     return args + ["--normalized-recon", "--free-bits", "0.1", "--beta", "0.5", *extra]
+
+
+def run_killed_at_step_3(monkeypatch, argv):
+    """D.main(argv) stopped by a kill in step 3, after the checkpoint at step 2 (eval interval 2)."""
+    train_step = D.train_step
+
+    def killed_at_step_3(*args):
+        if args[5] == 3:
+            raise KeyboardInterrupt
+        return train_step(*args)
+
+    monkeypatch.setattr(D, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        D.main(argv)
+    monkeypatch.setattr(D, "train_step", train_step)
 
 
 def read_log(path):
@@ -592,17 +656,7 @@ def test_a_run_too_small_for_the_probes_still_finishes(tiny_base, tmp_path):
 def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tmp_path, monkeypatch, latent):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert D.main(tiny_args(tiny_base, straight, latent)) == 0
-    train_step = D.train_step
-
-    def killed_at_step_3(*args):
-        if args[5] == 3:  # after the checkpoint at step 2 and a log line for step 3... 
-            raise KeyboardInterrupt
-        return train_step(*args)
-
-    monkeypatch.setattr(D, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        D.main(tiny_args(tiny_base, stopped, latent))
-    monkeypatch.setattr(D, "train_step", train_step)
+    run_killed_at_step_3(monkeypatch, tiny_args(tiny_base, stopped, latent))
     with open(stopped / "log.jsonl", "a") as f:  # a line written after the checkpoint, then the kill
         f.write(json.dumps({"step": 3, "loss/total": 0.0}) + "\n")
     moved = tmp_path / "moved"
@@ -633,17 +687,7 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     assert D.main(tiny_args(tiny_base, alone, latent, "--seed", str(D.start_seed(0, choice["start/chosen"])))) == 0
     losses = lambda log: [r for r in log if "loss/total" in r]
     assert losses(read_log(alone / "log.jsonl")) == losses(log)
-    train_step = D.train_step
-
-    def killed_at_step_3(*args):  # after the choice and its checkpoint at step 2
-        if args[5] == 3:
-            raise KeyboardInterrupt
-        return train_step(*args)
-
-    monkeypatch.setattr(D, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        D.main(args(stopped))
-    monkeypatch.setattr(D, "train_step", train_step)
+    run_killed_at_step_3(monkeypatch, args(stopped))  # after the choice
     assert D.main(args(stopped, "--resume")) == 0  # continues the chosen start, on its seed's data
     assert read_log(stopped / "log.jsonl") == log
     drop = lambda m: {k: v for k, v in m.items() if k != "train_seconds"}
@@ -655,7 +699,9 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
     (["--latent", "continuous", "--cluster-init", "8", "--dz", "1"], "--dz must be at least 2, got 1"),
     (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
     (["--cluster-init", "0", "--reassign", "100"], "--reassign has no effect with --cluster-init 0"),
-    (["--cluster-init", "0"], "--reassign 300 (from the recipe) needs --cluster-init"),
+    (["--cluster-init", "0"], "need --cluster-init; add --reassign 0 --posterior-vote 0"),
+    (["--cluster-init", "0", "--reassign", "0"], "--posterior-vote (from the recipe) need --cluster-init"),
+    (["--latent", "continuous", "--posterior-vote", "100"], "--posterior-vote has no effect with --latent continuous"),
     (["--latent", "continuous", "--jsd", "1"], "--jsd has no effect with --latent continuous"),
     (["--latent", "continuous", "--k", "5"], "--k has no effect with --latent continuous"),
     (["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
