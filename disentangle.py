@@ -522,13 +522,12 @@ def objective(fact, base, batch, cfg, posterior_votes=False):
         p = discrete_pass(fact, batch, posterior_states)
         q = p.posterior_logq.exp()
         # (B, K) the weights R trains with
-        scores = assignment_scores(p.token_logp, p.posterior_logq if posterior_votes else None)  # (B, K)
         if not cfg.hard_em:
             recon_q = q
-        elif cfg.traces_per_input > 1:
-            recon_q = per_input_assignment(scores, batch["input_id"], batch["trace_id"])
         else:
-            recon_q = hard_assignment(scores)
+            scores = assignment_scores(p.token_logp, p.posterior_logq if posterior_votes else None)  # (B, K)
+            recon_q = per_input_assignment(scores, batch["input_id"], batch["trace_id"]) \
+                if cfg.traces_per_input > 1 else hard_assignment(scores)
         recon = discrete_recon_loss(recon_q, p.token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)
