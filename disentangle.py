@@ -72,7 +72,7 @@ from evaluate import (factorization_metrics, fit_probes, generate_ys, hard_em_ob
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
                    load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
                    pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
-                   token_log_probs, write_json)
+                   token_log_probs, truncate_log, write_json)
 from tasks import (PAD, STOI, TASKS, VOCAB, LATENT_TOKENS, MAX_LATENTS, encode, get_task, record_tokens,
                    sample_split_input)
 
@@ -918,17 +918,27 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     return Start(fact, optimizer, records, torch_rng, init.posterior_vote, score)
 
 
-def select_start(cfg, base, task, base_dir, base_ckpt, device):
-    """Train cfg.starts starts; returns the index of the one with the highest hard-EM objective, and it."""
-    best, best_index, scores = None, 0, []
-    for start in range(cfg.starts):
+@dataclass
+class Selection:
+    scores: list  # the hard-EM objective of each start trained so far, in order
+    chosen: int  # the index of the best of them
+    best: Start
+
+
+def select_start(cfg, base, task, base_dir, base_ckpt, device, selection=None, after_start=lambda selection: None):
+    """Train cfg.starts starts (those after selection's, when a resumed run brings one); after each,
+    after_start(selection) checkpoints the best so far. Returns the Selection over all of them."""
+    for start in range(len(selection.scores) if selection else 0, cfg.starts):
         candidate = train_start(cfg, base, task, base_dir, base_ckpt, device, start)
-        scores.append(candidate.hard_em_objective)
-        tqdm.write(f"step {cfg.start_steps}: start {start} has hard-EM objective {scores[-1]:.4f}")
-        if best is None or candidate.hard_em_objective > best.hard_em_objective:
-            best, best_index = candidate, start
-    best.records.append({"step": cfg.start_steps, "start/hard_em_objective": scores, "start/chosen": best_index})
-    return best_index, best
+        tqdm.write(f"step {cfg.start_steps}: start {start} has hard-EM objective {candidate.hard_em_objective:.4f}")
+        scores = (selection.scores if selection else []) + [candidate.hard_em_objective]
+        if selection is None or candidate.hard_em_objective > selection.best.hard_em_objective:
+            selection = Selection(scores, start, candidate)
+        selection = replace(selection, scores=scores)
+        after_start(selection)
+    selection.best.records.append({"step": cfg.start_steps, "start/hard_em_objective": selection.scores,
+                                   "start/chosen": selection.chosen})
+    return selection
 
 
 # ----------------------------------------------------------------------------------------------
@@ -970,8 +980,22 @@ def main(argv=None):
             write_json(os.path.join(out, "metrics.json"),
                        {**metrics, "eval_inputs": n_inputs, "train_seconds": elapsed})
 
+    def checkpoint_start_phase(selection):  # a kill between starts costs only the start it stopped
+        best = selection.best
+        save_checkpoint(ckpt_path, best.fact, VOCAB, task.name, optimizer=best.optimizer.state_dict(), step=0,
+                        train_config=asdict(cfg), torch_rng=best.torch_rng,
+                        train_seconds=seconds + time.perf_counter() - t0, start=selection.chosen,
+                        posterior_vote=best.posterior_vote, start_scores=selection.scores, start_records=best.records)
+
     if start_step == 0 and cfg.starts > 1:  # the first phase ran in each start; the chosen one goes on
-        chosen, best = select_start(cfg, base, task, base_dir, base_ckpt, device)
+        resumed = None
+        if "start_scores" in ckpt:  # stopped between starts: fact and optimizer hold the best so far
+            truncate_log(log_path, -1)  # the log begins once the choice is made
+            scores = ckpt["start_scores"]
+            resumed = Selection(scores, chosen, Start(fact, optimizer, ckpt["start_records"], ckpt["torch_rng"],
+                                                      posterior_vote, scores[chosen]))
+        selection = select_start(cfg, base, task, base_dir, base_ckpt, device, resumed, checkpoint_start_phase)
+        chosen, best = selection.chosen, selection.best
         fact, optimizer, start_step, posterior_vote = best.fact, best.optimizer, cfg.start_steps, best.posterior_vote
         torch.set_rng_state(best.torch_rng)
         for record in best.records:

@@ -695,6 +695,33 @@ def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exac
         json.dumps(drop(json.load(open(straight / "metrics.json"))))
 
 
+def test_a_kill_between_starts_resumes_at_the_next_start_and_ends_as_if_never_stopped(tiny_base, tmp_path,
+                                                                                      monkeypatch):
+    args = lambda out, *extra: tiny_args(tiny_base, out, "discrete", "--starts", "3", "--start-steps", "2", *extra)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert D.main(args(straight)) == 0
+    train_start, trained = D.train_start, []
+
+    def killed_in_start_2(*a):  # the first time only
+        trained.append(a[-1])
+        if trained == [0, 1, 2]:
+            raise KeyboardInterrupt
+        return train_start(*a)
+
+    monkeypatch.setattr(D, "train_start", killed_in_start_2)
+    with pytest.raises(KeyboardInterrupt):
+        D.main(args(stopped))
+    with pytest.raises(ValueError, match="stopped while choosing its start \\(2 of 3 trained\\)"):
+        evaluate.main([str(stopped), "--inputs", "4", "--device", "cpu"])
+    trained.clear()
+    assert D.main(args(stopped, "--resume")) == 0
+    assert trained == [2]  # starts 0 and 1 were kept, not trained again
+    assert read_log(stopped / "log.jsonl") == read_log(straight / "log.jsonl")
+    drop = lambda m: {k: v for k, v in m.items() if k != "train_seconds"}
+    assert json.dumps(drop(json.load(open(stopped / "metrics.json")))) == \
+        json.dumps(drop(json.load(open(straight / "metrics.json"))))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--latent", "continuous", "--cluster-init", "8", "--dz", "1"], "--dz must be at least 2, got 1"),
     (["--cluster-init", "33"], "--cluster-init must be at most the model width 32"),
