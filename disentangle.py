@@ -171,6 +171,9 @@ class Config:
         if needs_clusters:
             raise ValueError(f"{' and '.join(needs_clusters)} (from the recipe) need --cluster-init; add "
                              + " ".join(f"{flag} 0" for flag in needs_clusters))
+        if self.latent == "discrete" and self.hard_em and self.jsd:
+            raise ValueError("--jsd trains every latent's generator, hard EM only each pair's assigned one: "
+                             "add --no-hard-em")
         if self.latent == "continuous" and self.starts > 1 and not self.cluster_init:
             raise ValueError("--starts scores the posterior's clusters around the codes: it needs --cluster-init")
         if self.cluster_init and self.latent == "continuous" and n_strategies - 1 > self.dz:
@@ -203,6 +206,12 @@ RECIPES = {(task, latent): {**latent_recipe(latent, len(cls.strategies)), **TASK
            for task, cls in TASKS.items() for latent in ("discrete", "continuous")}
 RECIPES_HELP = "defaults: the values shown, then RECIPES for the task and latent:\n" + "\n".join(
     f"  {task}, {latent}: {extra}" for (task, latent), extra in RECIPES.items())
+
+
+# Raised when a change alters what the same command computes, numerics included (not its speed
+# alone); config.json records it, and the benchmark shows the runs of an earlier revision apart.
+# discrete 2: hard EM trains each pair's assigned latent in a forward of its own (discrete_pass)
+REVISIONS = {"discrete": 2, "continuous": 1}
 
 
 def apply_recipe(cfg, given):
@@ -459,23 +468,38 @@ def prefix_posterior(router_logp, token_logp, mask):
 
 @dataclass
 class DiscretePass:
-    gen_logits: torch.Tensor  # (B*K, T, V) the generator under each latent
+    gen_logits: torch.Tensor  # (B*K, T, V) the generator under each latent (None under hard EM)
     token_logp: torch.Tensor  # (B, K, T-1) log p_psi(y_t | x, y_<t, k), 0 off the y targets
     router_logp: torch.Tensor  # (B, K) log p_phi(k|x)
     router_outside: torch.Tensor  # (B,) router mass on tokens that are not latents
     posterior_logq: torch.Tensor  # (B, K) log q(k|x,y)
+    recon_q: torch.Tensor  # (B, K) the weights R trains with: q, or under hard EM the E-step's one-hot
+    recon_token_logp: torch.Tensor  # (B, K, T-1) what R reads: token_logp, or under hard EM the assigned latent's
 
 
-def discrete_pass(fact, batch, posterior_states=None):
-    """All K latents in one batched forward; the router is read off the same forward."""
+def discrete_pass(fact, batch, posterior_states=None, e_step=None):
+    """All K latents in one batched forward over B*K rows (row b*K + k holds <zk>); the router is
+    read off the same forward. With e_step (hard EM: (token_logp, posterior_logq) -> a one-hot
+    assignment (B, K)) that forward is the E-step's evidence and carries no gradient; a second
+    forward over each pair's assigned row alone carries it, so the backward runs through B rows,
+    not B*K (the same loss, in about half the time of a step; bench.py)."""
     B, K = batch["base_idx"].shape[0], fact.K
-    gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
-    token_logp = (token_log_probs(gen_logits, batch["gen_idx"]) * batch["gen_mask"]).view(B, K, -1)
-    # the router position precedes the latent token, so any of the K copies gives p_phi(z|x)
-    route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0][torch.arange(B), batch["route_pos"]]
-    router_logp, outside = router_log_probs(route_logits, latent_ids(K))
     log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"], posterior_states).float(), -1)
-    return DiscretePass(gen_logits, token_logp, router_logp, outside, log_q)
+    with torch.set_grad_enabled(e_step is None and torch.is_grad_enabled()):
+        gen_logits = fact.lm(batch["gen_idx"])  # (B*K, T, V)
+        token_logp = (token_log_probs(gen_logits, batch["gen_idx"]) * batch["gen_mask"]).view(B, K, -1)
+    if e_step is None:
+        recon_q, recon_token_logp = log_q.exp(), token_logp
+        # the router position precedes the latent token, so any of the K copies gives p_phi(z|x)
+        route_logits = gen_logits.view(B, K, *gen_logits.shape[1:])[:, 0]  # (B, T, V)
+    else:
+        recon_q = e_step(token_logp, log_q)  # (B, K)
+        assigned_idx = batch["gen_idx"].view(B, K, -1)[recon_q.bool()]  # (B, T) each pair under its latent
+        route_logits, gen_logits = fact.lm(assigned_idx), None  # (B, T, V)
+        assigned_logp = token_log_probs(route_logits, assigned_idx) * batch["base_mask"]  # (B, T-1)
+        recon_token_logp = recon_q[..., None] * assigned_logp[:, None]  # (B, K, T-1), 0 off the assigned latent
+    router_logp, outside = router_log_probs(route_logits[torch.arange(B), batch["route_pos"]], latent_ids(K))
+    return DiscretePass(gen_logits, token_logp, router_logp, outside, log_q, recon_q, recon_token_logp)
 
 
 @dataclass
@@ -519,16 +543,14 @@ def objective(fact, base, batch, cfg, posterior_votes=False):
     posterior_states = stats.states if cfg.cluster_init else None  # a frozen posterior backbone is the base
     aux = {}
     if cfg.latent == "discrete":
-        p = discrete_pass(fact, batch, posterior_states)
-        q = p.posterior_logq.exp()
-        # (B, K) the weights R trains with
-        if not cfg.hard_em:
-            recon_q = q
-        else:
-            scores = assignment_scores(p.token_logp, p.posterior_logq if posterior_votes else None)  # (B, K)
-            recon_q = per_input_assignment(scores, batch["input_id"], batch["trace_id"]) \
+        def e_step(token_logp, posterior_logq):  # classification EM: (B, K) one-hot
+            scores = assignment_scores(token_logp, posterior_logq if posterior_votes else None)
+            return per_input_assignment(scores, batch["input_id"], batch["trace_id"]) \
                 if cfg.traces_per_input > 1 else hard_assignment(scores)
-        recon = discrete_recon_loss(recon_q, p.token_logp, weights)
+
+        p = discrete_pass(fact, batch, posterior_states, e_step if cfg.hard_em else None)
+        q = p.posterior_logq.exp()
+        recon = discrete_recon_loss(p.recon_q, p.recon_token_logp, weights)
         raw_recon = discrete_recon_loss(q, p.token_logp, mask)  # the ELBO's, for the log
         kl = categorical_kl(p.posterior_logq, p.router_logp)
         if cfg.posterior_entropy:
@@ -961,7 +983,8 @@ def main(argv=None):
     fact = build_factorization(cfg, task, base_dir, base_ckpt, device)
     optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
     ckpt = open_run(out, cfg.resume, fact, optimizer, asdict(cfg), VOCAB, task.name,
-                    {**asdict(cfg), "k": fact.K, "base": base_dir, "machine": machine_info(device)})
+                    {**asdict(cfg), "k": fact.K, "base": base_dir, "revision": REVISIONS[cfg.latent],
+                     "machine": machine_info(device)})
     start_step, seconds, t0 = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0), time.perf_counter()
     chosen, posterior_vote = ckpt.get("start", 0), ckpt.get("posterior_vote", 0)
 

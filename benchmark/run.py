@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from disentangle import Config as Stage2Config, apply_recipe  # noqa: E402
+from disentangle import REVISIONS, Config as Stage2Config, apply_recipe  # noqa: E402
 from model import write_json  # noqa: E402
 from tasks import get_task  # noqa: E402
 from train_base import Config as BaseConfig  # noqa: E402
@@ -73,9 +73,11 @@ def recipe_settings(task, latent):
 
 def earlier_recipe(config, task, latent):
     """The settings in which a stage-2 run's config differs from the current recipe (a setting
-    added since the run counts as its default, which is what the code did before it existed)."""
+    added since the run counts as its default, which is what the code did before it existed), and
+    "revision" where it ran on code that computed it differently (disentangle.REVISIONS)."""
     defaults = vars(Stage2Config())
-    return sorted(k for k, v in recipe_settings(task, latent).items() if config.get(k, defaults[k]) != v)
+    differ = sorted(k for k, v in recipe_settings(task, latent).items() if config.get(k, defaults[k]) != v)
+    return differ + (["revision"] if config.get("revision", 1) != REVISIONS[latent] else [])
 
 
 # train_base.py settings that say where, how long or how often, not what a base model learns
@@ -371,8 +373,8 @@ def stage2_table(records, tasks, latent, seeds):
                      f"models (started {machine(base_config or {})[1]}); {again} runs them again on it.", ""]
         if earlier:
             differ = sorted({k for _, config, _ in earlier for k in earlier_recipe(config, task, latent)})
-            rows += [f"{seeds_text([seed for seed, _, _ in earlier])}, recorded with an earlier recipe (it differs "
-                     f"in {', '.join(differ)}; {again} runs them again): `{settings(earlier[0][1])}`.", ""]
+            rows += [f"{seeds_text([seed for seed, _, _ in earlier])}, recorded with an earlier recipe or code (it "
+                     f"differs in {', '.join(differ)}; {again} runs them again): `{settings(earlier[0][1])}`.", ""]
             rows += seed_table(earlier, latent)
     return rows
 

@@ -50,7 +50,10 @@ def profile_step(fact, base, task, optimizer, cfg, step, seconds):
                  "posterior": lambda: fact.posterior_params(batch["base_idx"], batch["y_state_mask"], states)}
         if fact.K:
             logits = fact.lm(batch["gen_idx"])
-            parts["generator forward"] = lambda: fact.lm(batch["gen_idx"])
+            if cfg.hard_em:  # the E-step's evidence over all K; the assigned rows are trained after it
+                parts["generator forward, no grad"] = torch.no_grad()(lambda: fact.lm(batch["gen_idx"]))
+            else:
+                parts["generator forward"] = lambda: fact.lm(batch["gen_idx"])
             parts["jsd"] = lambda: D.jsd_loss(logits, batch["base_mask"].float(), fact.K)
         else:
             parts["generator forward"] = lambda: D.continuous_pass(fact, batch, cfg.samples)
@@ -112,17 +115,22 @@ def main(argv=None):
 
     step = {k: v / args.steps for k, v in step_s.items()}
     step_total = sum(v for k, v in step.items() if not k.startswith("  "))
-    n_evals = cfg.steps // cfg.eval_interval + 1  # the final one reads final_inputs instead
-    n_reassign = len(range(cfg.reassign, cfg.steps // 2 + 1, cfg.reassign)) if cfg.reassign else 0
-    run = {"training steps": cfg.steps * step_total,
+    # --starts N: each start trains start_steps from its own k-means start, the chosen one goes on to steps
+    first = cfg.start_steps if cfg.starts > 1 else 0
+    trained = [range(1, first + 1)] * (cfg.starts - 1) + [range(1, cfg.steps + 1)]
+    refit_until = cfg.steps if cfg.hard_em else cfg.steps // 2
+    n_steps = sum(len(r) for r in trained)
+    n_reassign = sum(d % cfg.reassign == 0 and d <= refit_until for r in trained for d in r) if cfg.reassign else 0
+    n_evals = (cfg.steps - first) // cfg.eval_interval + 1  # the final one reads final_inputs instead
+    run = {"training steps": n_steps * step_total,
            "evaluations": eval_total * (n_evals - 1 + cfg.final_inputs / cfg.eval_inputs),
-           "step-0 check and k-means start": once_s["step-0 check and k-means start"],
+           "step-0 check and k-means start": cfg.starts * once_s["step-0 check and k-means start"],
            "hard-EM steps": n_reassign * once_s.get("one hard-EM step", 0.0)}
     total = sum(run.values())
     print(f"{task.name}, {cfg.latent}, {cfg.precision}, {torch.get_num_threads()} threads: "
           f"{step_total:.3f} s/step, one evaluation of {cfg.eval_inputs} inputs {eval_total:.1f} s")
-    print(f"a recipe run ({cfg.steps} steps, {n_evals} evaluations, {n_reassign} hard-EM steps), "
-          f"estimated {total / 60:.1f} min:")
+    print(f"a recipe run ({cfg.starts} starts, {n_steps} steps, {n_evals} evaluations, {n_reassign} hard-EM "
+          f"steps), estimated {total / 60:.1f} min:")
     for name, seconds in run.items():
         print(f"  {name:34s} {seconds:7.1f} s  {seconds / total:6.1%}")
     print("one step:")

@@ -29,7 +29,7 @@ BASE = ({**vars(benchmark.BaseConfig()), "task": "grid", "steps": 2500},
 
 def stage2(seed, alignment, **changed):
     return ({**benchmark.recipe_settings("grid", "discrete"), "task": "grid", "latent": "discrete", "seed": seed,
-             **changed},
+             "revision": benchmark.REVISIONS["discrete"], **changed},
             {"alignment_one_to_one": alignment, "local_strategy_full_coverage_rate": 0.9,
              "router/answer_accuracy": 0.99, "eval_inputs": 500, "train_seconds": 180.0})
 
@@ -76,11 +76,16 @@ def test_a_run_of_an_earlier_recipe_is_reported_apart_and_runs_again_in_a_fresh_
     assert not benchmark.set_aside_earlier_run(jobs["grid-discrete-seed0"])
     with open(os.path.join(args.records, "grid_pathfinding", "discrete_seed1.json"), "w") as f:
         json.dump({"config": stage2(1, 0.5, starts=5)[0], "metrics": stage2(1, 0.5)[1]}, f)
+    with open(os.path.join(args.records, "grid_pathfinding", "discrete_seed2.json"), "w") as f:
+        config = stage2(2, 0.7)[0]
+        del config["revision"]  # recorded before the code that computes the recipe changed
+        json.dump({"config": config, "metrics": stage2(2, 0.7)[1]}, f)
     benchmark.write_report(args)
     report = open(args.report).read()
-    current, earlier = report.split("Seed 1, recorded with an earlier recipe (it differs in starts;")
+    current, earlier = report.split("Seeds 1, 2, recorded with an earlier recipe or code (it differs in revision, "
+                                    "starts;")
     assert "| **min** | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in current  # seed 0 alone
-    assert "| **min** | | | | | | | 0.500 | 0.900 | 0.990 | 0 of 1 |" in earlier  # seed 1, apart
+    assert "| **min** | | | | | | | 0.500 | 0.900 | 0.990 | 0 of 2 |" in earlier  # seeds 1 and 2, apart
 
 
 def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_path, capsys):

@@ -54,6 +54,39 @@ def test_exact_reconstruction_equals_a_loop_over_latents(tiny_base):
         assert torch.allclose(p.token_logp[:, k].sum(-1), loop, atol=1e-4)
 
 
+def test_the_hard_em_pass_trains_the_assigned_latent_as_the_full_pass_with_its_one_hot_would(tiny_base):
+    """Same loss and same gradients as a backward through all K latents weighted by the assignment."""
+    fact, _ = tiny_fact(tiny_base)
+    task, pairs = grid_pairs()
+    batch, weights = D.make_batch(task, pairs, 3, "cpu"), torch.rand(len(pairs), 1) + 0.5
+
+    def loss_and_grads(e_step):
+        fact.zero_grad(set_to_none=True)
+        p = D.discrete_pass(fact, batch, e_step=e_step)
+        if e_step is None:  # the full pass, R weighted by the assignment the hard pass made
+            p.recon_q = assigned
+        loss = D.discrete_recon_loss(p.recon_q, p.recon_token_logp, weights).mean() + p.router_logp.logsumexp(-1).mean()
+        loss.backward()
+        return loss.item(), p, {n: w.grad.clone() for n, w in fact.named_parameters() if w.grad is not None}
+
+    seen = []
+
+    def e_step(token_logp, posterior_logq):
+        seen.append(token_logp.requires_grad)
+        return torch.eye(3)[torch.arange(len(pairs)) % 3]  # every latent assigned some pairs
+
+    hard_loss, hard, hard_grads = loss_and_grads(e_step)
+    assigned = hard.recon_q
+    full_loss, full, full_grads = loss_and_grads(None)
+    assert seen == [False] and hard.gen_logits is None  # the evidence carries no gradient
+    assert hard_loss == pytest.approx(full_loss, abs=1e-5)
+    assert torch.allclose(hard.router_logp, full.router_logp, atol=1e-5)
+    assert torch.equal((hard.recon_token_logp != 0).any(-1), assigned.bool())  # the assigned latent's column only
+    assert hard_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(hard_grads[name], grad, atol=1e-5), name
+
+
 def test_shrinking_latent_noise_returns_the_latents_to_the_base_model(tiny_base):
     fact, _ = tiny_fact(tiny_base)
     task, pairs = grid_pairs()
@@ -730,6 +763,7 @@ def test_a_kill_between_starts_resumes_at_the_next_start_and_ends_as_if_never_st
     (["--cluster-init", "0", "--reassign", "0"], "--posterior-vote (from the recipe) need --cluster-init"),
     (["--latent", "continuous", "--posterior-vote", "100"], "--posterior-vote has no effect with --latent continuous"),
     (["--latent", "continuous", "--jsd", "1"], "--jsd has no effect with --latent continuous"),
+    (["--jsd", "1"], "--jsd trains every latent's generator, hard EM only each pair's assigned one: add --no-hard-em"),
     (["--latent", "continuous", "--k", "5"], "--k has no effect with --latent continuous"),
     (["--posterior-variance", "1"], "--posterior-variance has no effect with --latent discrete"),
     (["--router", "mixture"], "--router has no effect with --latent discrete"),

@@ -110,7 +110,7 @@ MESSAGES = [
     (stage1, ["--task", "sum", "--task-options", "n=60"], "more than the model's block size 160"),
     (stage2, ["--data", "model", "--out", "{new}"], "too few to cluster: train it longer, or take y from"),
     (stage2, ["--steps", "4", "--starts", "1"], "exists; pass --resume to continue it"),
-    (stage2, ["--resume", "--steps", "4", "--starts", "1", "--jsd", "2"], "--resume with settings that differ"),
+    (stage2, ["--resume", "--steps", "4", "--starts", "1", "--router-support", "2"], "--resume with settings that differ"),
 ]
 
 
