@@ -482,7 +482,7 @@ def discrete_pass(fact, batch, posterior_states=None, e_step=None):
     read off the same forward. With e_step (hard EM: (token_logp, posterior_logq) -> a one-hot
     assignment (B, K)) that forward is the E-step's evidence and carries no gradient; a second
     forward over each pair's assigned row alone carries it, so the backward runs through B rows,
-    not B*K (the same loss, in about half the time of a step; bench.py)."""
+    not B*K (the same loss, in about half the time of a step; benchmark/stage2_profile.py)."""
     B, K = batch["base_idx"].shape[0], fact.K
     log_q = F.log_softmax(fact.posterior_params(batch["base_idx"], batch["y_state_mask"], posterior_states).float(), -1)
     with torch.set_grad_enabled(e_step is None and torch.is_grad_enabled()):
@@ -954,9 +954,8 @@ def select_start(cfg, base, task, base_dir, base_ckpt, device, selection=None, a
         candidate = train_start(cfg, base, task, base_dir, base_ckpt, device, start)
         tqdm.write(f"step {cfg.start_steps}: start {start} has hard-EM objective {candidate.hard_em_objective:.4f}")
         scores = (selection.scores if selection else []) + [candidate.hard_em_objective]
-        if selection is None or candidate.hard_em_objective > selection.best.hard_em_objective:
-            selection = Selection(scores, start, candidate)
-        selection = replace(selection, scores=scores)
+        better = selection is None or candidate.hard_em_objective > selection.best.hard_em_objective
+        selection = Selection(scores, start, candidate) if better else replace(selection, scores=scores)
         after_start(selection)
     selection.best.records.append({"step": cfg.start_steps, "start/hard_em_objective": selection.scores,
                                    "start/chosen": selection.chosen})
