@@ -29,12 +29,14 @@ Training minimises the conditional ELBO on pairs x ~ task, y ~ p*(y|x) (--data m
       --posterior-variance  + mean_d sigma_xi,d^2                          posterior_variance_loss
 
 Three moves outside the gradient make discovery reliable where the ELBO alone stalls
-(docs/experiments.md): --cluster-init M starts the posterior from k-means on M whitened principal
-components of its features (cluster_posterior); --reassign N, the classification step of hard EM,
-sends pairs to the latent whose generator rates them highest (reassign_clusters); --starts N
-trains N starts to --start-steps and goes on with the one whose hard-EM objective under the
-posterior, max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (select_start), without labels
-(continuous: k runs over the posterior's clusters, posterior_hard_em_objective).
+(docs/experiments.md): --cluster-init M starts the posterior from k-means on its features along the
+M directions in which two traces of one input differ most (trace_contrast, cluster_posterior);
+--reassign N, the classification step of hard EM, sends pairs to the latent whose generator rates
+them highest (reassign_clusters); --starts N trains N starts to --start-steps and goes on with
+the one whose partition of 512 pairs among the latents (generator_assignment) the most other
+starts reached, and among those the one whose hard-EM objective under the posterior,
+max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (choose_start, posterior_hard_em_objective;
+continuous: k runs over the posterior's clusters), all without labels.
 With --hard-em (classification EM, the discrete recipe) each pair trains only the generator of
 k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment. With
 --traces-per-input G each batch holds G distinct traces of each input, and the assignment is the
@@ -67,8 +69,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (factorization_metrics, fit_probes, generate_ys, hard_em_objective, latent_log_likelihoods,
-                      latent_loss_ratios, posterior_distribution, record_log_probs, save_posterior_snapshot)
+from evaluate import (alignment_one_to_one, factorization_metrics, fit_probes, generate_ys, hard_em_objective,
+                      latent_log_likelihoods, latent_loss_ratios, posterior_distribution, record_log_probs,
+                      save_posterior_snapshot)
 from model import (Factorization, append_jsonl, arg, autocast, check_numbers, configure_optimizer, learning_rate,
                    load_checkpoint, machine_info, model_from_checkpoint, open_run, pad_batch, parse_config,
                    pick_device, resolve_precision, router_log_probs, run_main, save_checkpoint, seed_everything,
@@ -111,7 +114,8 @@ class Config:
     jsd: float = arg(0.0, "discrete: weight of the inter-latent token-level JSD (maximised)")
     jsd_prefix: bool = arg(True, "discrete: weight latents in the JSD by their posterior given the y prefix")
     posterior_variance: float = arg(0.0, "continuous: weight of the mean posterior variance")
-    cluster_init: int = arg(0, "k-means start of the posterior on this many whitened components; freezes its backbone")
+    cluster_init: int = arg(0, "k-means start of the posterior along this many trace_contrast directions; "
+                              "freezes its backbone")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
                            "a hard-EM reassignment (0: off)")
@@ -120,7 +124,7 @@ class Config:
                                  "to log p_psi(y|x,k)")
     traces_per_input: int = arg(1, "discrete, --hard-em: each batch holds this many distinct traces of each "
                                    "input, which go to distinct latents")
-    starts: int = arg(1, "train this many starts (seeds seed, seed+1000, ..), keep the best (select_start)")
+    starts: int = arg(1, "train this many starts (seeds seed, seed+1000, ..), go on with one (choose_start)")
     start_steps: int = arg(600, "with --starts > 1: the steps each start trains before the choice")
     eval_interval: int = arg(300, "steps between evaluations, checkpoints and posterior snapshots")
     eval_inputs: int = arg(200, "held-out inputs per evaluation during training")
@@ -211,7 +215,9 @@ RECIPES_HELP = "defaults: the values shown, then RECIPES for the task and latent
 # Raised when a change alters what the same command computes, numerics included (not its speed
 # alone); config.json records it, and the benchmark shows the runs of an earlier revision apart.
 # discrete 2: hard EM trains each pair's assigned latent in a forward of its own (discrete_pass)
-REVISIONS = {"discrete": 2, "continuous": 1}
+# discrete 3, continuous 2: the k-means start clusters along the trace_contrast directions
+# discrete 4, continuous 3: the run goes on with the start whose partition most starts reach (choose_start)
+REVISIONS = {"discrete": 4, "continuous": 3}
 
 
 def apply_recipe(cfg, given):
@@ -609,7 +615,8 @@ def log_record(obj):
 # Starting from clusters (--cluster-init) and hard-EM moves (--reassign), between gradient steps
 
 
-CLUSTER_PAIRS = 512  # training pairs the clustering and each reassignment see
+CLUSTER_PAIRS = 512  # training pairs each reassignment, the split check and the start score see
+CONTRAST_PAIRS = 2048  # the k-means start's: with fewer, the trace_contrast directions fit their sample
 CLUSTER_CONFIDENCE = 0.9  # mean max q(z|x,y) of the clustered posterior: sure, yet not saturated
 CLUSTER_SPACING, CLUSTER_STD = 3.0, 0.5  # continuous: codes 3 prior sds apart, each 0.5 wide
 KMEANS_RESTARTS, KMEANS_ITERS = 10, 100
@@ -648,13 +655,34 @@ def cluster_codes(n, dz):
     return F.pad(CLUSTER_SPACING * simplex_vertices(n), (0, dz - (n - 1)))
 
 
-def whitened(features, m):
-    """The top m principal components of features (N, d), each scaled to unit variance: the
-    mean (d,), the map whiten (d, m), and the points (N, m) = (features - mean) @ whiten."""
+def trace_contrast(features, contrasts, m):
+    """The m directions along which two distinct traces of one input differ most, relative to how
+    the features vary overall: the top solutions w of S_contrast w = lambda S_total w, where
+    S_contrast is the second moment of the differences f(x, y) - f(x, y') over the index pairs
+    contrasts (P, 2) and S_total the covariance of all features (N, d). Two distinct traces of
+    one input share its numbers and differ in strategy, so these directions follow the strategies
+    where the largest directions of the features follow the input. Returns the mean (d,), the map
+    whiten (d, m), scaled so the points have unit variance along each, and the points (N, m) =
+    (features - mean) @ whiten."""
+    features, contrasts = features.double(), contrasts.to(features.device)
     mean = features.mean(0)  # (d,)
-    _, singular, basis = torch.linalg.svd(features - mean, full_matrices=False)
-    whiten = basis[:m].T * (len(features) ** 0.5 / singular[:m])  # (d, m)
-    return mean, whiten, (features - mean) @ whiten
+    total = torch.cov(features.T)  # (d, d)
+    ridge = 1e-4 * total.diagonal().mean()  # a flat direction of the features stays invertible
+    total += ridge * torch.eye(len(total), dtype=total.dtype, device=total.device)
+    differences = features[contrasts[:, 0]] - features[contrasts[:, 1]]  # (P, d)
+    scale, basis = torch.linalg.eigh(total)
+    unit = basis / scale.sqrt()  # (d, d): S_total becomes the identity
+    _, contrast_basis = torch.linalg.eigh(unit.T @ (differences.T @ differences / len(differences)) @ unit)
+    whiten = (unit @ contrast_basis[:, -m:].flip(1)).float()  # (d, m), the largest lambda first
+    return mean.float(), whiten, (features.float() - mean.float()) @ whiten
+
+
+def traces_by_input(task, pairs):
+    """{input tokens: {trace: the index of its first pair}} of pairs (x, y)."""
+    traces = {}
+    for i, (x, y) in enumerate(pairs):
+        traces.setdefault(tuple(task.input_tokens(x)), {}).setdefault(tuple(y), i)
+    return traces
 
 
 def confident_scale(logits):
@@ -714,18 +742,24 @@ def posterior_to_codes(fact, features, assign):
 
 @torch.no_grad()
 def cluster_posterior(fact, base, task, cfg):
-    """k-means on the top cfg.cluster_init whitened principal components of the pooled posterior
-    features of CLUSTER_PAIRS pairs. The largest directions follow the input (its numbers, its
-    length); whitened, the few along which traces fall into groups, the strategies, count as much.
+    """k-means on the features of CONTRAST_PAIRS pairs, two distinct traces of each input, along
+    their top cfg.cluster_init trace_contrast directions: the pooled posterior features vary most
+    with the input (its numbers, its length), an input's two traces differ by their strategies.
     Discrete: K clusters, the head their Gaussian mixture. Continuous: one cluster per strategy,
     each sent to a corner of a simplex. Returns the share of pairs in each cluster."""
-    pairs = training_pairs(task, base, cfg, 0, fact.lm.tok_emb.weight.device, "clusters", CLUSTER_PAIRS)
+    device = fact.lm.tok_emb.weight.device
+    pairs = training_pairs(task, base, cfg, 0, device, "clusters", CONTRAST_PAIRS, per_input=2)
     n_clusters = fact.K or len(task.strategies)
     if len(pairs) < 2 * max(cfg.cluster_init, n_clusters):
-        raise ValueError(f"the base model closed only {len(pairs)} of {CLUSTER_PAIRS} samples, too few to "
+        raise ValueError(f"the base model closed only {len(pairs)} of {CONTRAST_PAIRS} samples, too few to "
                          f"cluster: train it longer, or take y from the true mixture (--data dgp)")
-    features = posterior_distribution(fact, task, pairs, features=True)[1]  # (N, d)
-    mean, whiten, points = whitened(features, cfg.cluster_init)
+    contrasts = torch.tensor([list(traces.values())[:2] for traces in traces_by_input(task, pairs).values()
+                              if len(traces) > 1])  # (P, 2)
+    if len(contrasts) < 2:
+        raise ValueError("fewer than two inputs have two distinct traces among the clustered pairs: "
+                         "there is nothing to tell the strategies apart by")
+    features = posterior_distribution(fact, task, pairs, features=True)[1].float()  # (N, d)
+    mean, whiten, points = trace_contrast(features, contrasts, cfg.cluster_init)
     centroids = kmeans(points, n_clusters, torch.Generator().manual_seed(cfg.seed))  # (C, m)
     assign = torch.cdist(points, centroids).argmin(1)  # (N,)
     if fact.latent == "discrete":
@@ -746,10 +780,8 @@ def cluster_split_rate(fact, base, task, cfg):
     group inputs: a read of the k-means start without labels."""
     pairs = training_pairs(task, base, cfg, 0, fact.lm.tok_emb.weight.device, "split", CLUSTER_PAIRS, per_input=2)
     clusters = posterior_distribution(fact, task, pairs).argmax(1).tolist()  # (N,)
-    cluster_of = {}  # input -> {trace: cluster}
-    for (x, y), cluster in zip(pairs, clusters):
-        cluster_of.setdefault(tuple(task.input_tokens(x)), {}).setdefault(tuple(y), cluster)
-    split = [len(set(traces.values())) > 1 for traces in cluster_of.values() if len(traces) > 1]
+    split = [len({clusters[i] for i in traces.values()}) > 1 for traces in traces_by_input(task, pairs).values()
+             if len(traces) > 1]
     return sum(split) / max(len(split), 1)
 
 
@@ -887,7 +919,7 @@ def train_steps(fact, base, task, optimizer, cfg, device, first, last, log, afte
 
 
 # ----------------------------------------------------------------------------------------------
-# Label-free model selection (--starts): a short first phase from several seeds, the best kept
+# Label-free model selection (--starts): a short first phase from several seeds, one kept
 
 
 @dataclass
@@ -898,6 +930,13 @@ class Start:
     torch_rng: torch.Tensor  # the RNG state to continue from
     posterior_vote: int  # the steps its posterior votes (Initialisation)
     hard_em_objective: float  # under the posterior, on the "select" pairs, which every start shares
+    assignment: torch.Tensor  # (N,) each "select" pair's latent under the generator (generator_assignment)
+
+    def state(self):
+        """What a checkpoint keeps of the start (restore_start reads it back)."""
+        return {"model": self.fact.state_dict(), "optimizer": self.optimizer.state_dict(), "records": self.records,
+                "torch_rng": self.torch_rng, "posterior_vote": self.posterior_vote,
+                "hard_em_objective": self.hard_em_objective, "assignment": self.assignment}
 
 
 @torch.no_grad()
@@ -914,18 +953,51 @@ def posterior_hard_em_objective(fact, task, pairs):
     return record_log_probs(fact.lm, task, xs, ys, latent=clusters.centroids[clusters.assign]).mean().item()
 
 
+@torch.no_grad()
+def generator_assignment(fact, task, pairs):
+    """(N,) the latent under which the generator rates each pair's y highest (continuous: the
+    posterior cluster at whose centroid it does): the partition of the pairs a start has reached."""
+    centroids = posterior_clusters(fact, task, pairs).centroids if fact.latent == "continuous" else None
+    return latent_log_likelihoods(fact, task, pairs, centroids).argmax(1)
+
+
+def assignment_agreement(a, b):
+    """The share of pairs on which two assignments (N,) agree once the latents of b are renamed to
+    match a's best (one-to-one): 1 for the same partition under other names."""
+    n = int(max(a.max(), b.max())) + 1
+    together = torch.zeros(n, n).index_put_((a, b), torch.ones(len(a)), accumulate=True)  # (n, n)
+    return alignment_one_to_one(together)
+
+
+SAME_OUTCOME = 0.9  # two starts reached the same partition when their assignments agree on this share of pairs
+
+
+@dataclass
+class Choice:
+    chosen: int  # the index of the start the run goes on with
+    agreement: list  # (starts, starts) assignment_agreement of each pair of starts
+    support: list  # for each start, the other starts that reached its partition (agreement >= SAME_OUTCOME)
+
+
+def choose_start(starts):
+    """The start whose partition of the "select" pairs the most other starts reached, and among
+    those the one with the highest hard-EM objective. A partition that most starts reach is the
+    strategies: latents that swap strategies on a group of inputs do so along a feature of the
+    input that each start picks at random, and entangled latents split the pairs at random, while
+    the hard-EM objective alone rates a swap as high as the strategies (docs/experiments.md)."""
+    agreement = [[assignment_agreement(s.assignment, other.assignment) for other in starts] for s in starts]
+    support = [sum(value >= SAME_OUTCOME for j, value in enumerate(row) if j != i) for i, row in enumerate(agreement)]
+    chosen = max(range(len(starts)), key=lambda i: (support[i], starts[i].hard_em_objective))
+    return Choice(chosen, agreement, support)
+
+
 def start_seed(seed, start):
     return seed + 1000 * start  # start 0 is the run's own seed
 
 
 def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     """The first cfg.start_steps steps of the run with seed start_seed(cfg.seed, start) (initialisation,
-    clusters and data), scored by posterior_hard_em_objective. With deterministic traces it is near 0
-    when each latent writes one strategy under the same name on every input, since q, one linear head
-    on the pooled features, can then name each trace's latent; it is lower for an entangled
-    factorization (the generators' evidence) and for one whose latents swap strategies from input to
-    input (q's). Continuous: lower where a cluster of the posterior holds two strategies, or where
-    the generator does not write one strategy at a cluster's centroid."""
+    clusters and data), read on the "select" pairs: posterior_hard_em_objective and generator_assignment."""
     start_cfg = replace(cfg, seed=start_seed(cfg.seed, start))
     seed_everything(start_cfg.seed)
     fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
@@ -935,31 +1007,39 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     fact.train()
     train_steps(fact, base, task, optimizer, start_cfg, device, 0, cfg.start_steps, records.append)
     torch_rng = torch.get_rng_state()
-    score = posterior_hard_em_objective(fact, task, training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS))
+    pairs = training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS)
+    score, assignment = posterior_hard_em_objective(fact, task, pairs), generator_assignment(fact, task, pairs)
     fact.train()
-    return Start(fact, optimizer, records, torch_rng, init.posterior_vote, score)
+    return Start(fact, optimizer, records, torch_rng, init.posterior_vote, score, assignment)
 
 
-@dataclass
-class Selection:
-    scores: list  # the hard-EM objective of each start trained so far, in order
-    chosen: int  # the index of the best of them
-    best: Start
+def restore_start(state, cfg, task, base_dir, base_ckpt, device, start):
+    """A Start from its checkpointed state (Start.state)."""
+    fact = build_factorization(replace(cfg, seed=start_seed(cfg.seed, start)), task, base_dir, base_ckpt, device)
+    fact.load_state_dict(state["model"])
+    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    optimizer.load_state_dict(state["optimizer"])
+    return Start(fact, optimizer, state["records"], state["torch_rng"], state["posterior_vote"],
+                 state["hard_em_objective"], state["assignment"])
 
 
-def select_start(cfg, base, task, base_dir, base_ckpt, device, selection=None, after_start=lambda selection: None):
-    """Train cfg.starts starts (those after selection's, when a resumed run brings one); after each,
-    after_start(selection) checkpoints the best so far. Returns the Selection over all of them."""
-    for start in range(len(selection.scores) if selection else 0, cfg.starts):
-        candidate = train_start(cfg, base, task, base_dir, base_ckpt, device, start)
-        tqdm.write(f"step {cfg.start_steps}: start {start} has hard-EM objective {candidate.hard_em_objective:.4f}")
-        scores = (selection.scores if selection else []) + [candidate.hard_em_objective]
-        better = selection is None or candidate.hard_em_objective > selection.best.hard_em_objective
-        selection = Selection(scores, start, candidate) if better else replace(selection, scores=scores)
-        after_start(selection)
-    selection.best.records.append({"step": cfg.start_steps, "start/hard_em_objective": selection.scores,
-                                   "start/chosen": selection.chosen})
-    return selection
+def select_start(cfg, base, task, base_dir, base_ckpt, device, starts=(), after_start=lambda starts: None):
+    """Train cfg.starts starts (those after `starts`, which a resumed run brings); after each,
+    after_start(the starts so far) checkpoints them. Returns the Choice among them, logged in the
+    chosen start's records, and the chosen Start."""
+    starts = list(starts)
+    for start in range(len(starts), cfg.starts):
+        starts.append(train_start(cfg, base, task, base_dir, base_ckpt, device, start))
+        tqdm.write(f"step {cfg.start_steps}: start {start} has hard-EM objective {starts[-1].hard_em_objective:.4f}")
+        after_start(starts)
+    choice = choose_start(starts)
+    tqdm.write(f"step {cfg.start_steps}: starts that reached each start's partition {choice.support}; "
+               f"going on with start {choice.chosen}")
+    best = starts[choice.chosen]
+    best.records.append({"step": cfg.start_steps, "start/hard_em_objective": [s.hard_em_objective for s in starts],
+                         "start/agreement": choice.agreement, "start/support": choice.support,
+                         "start/chosen": choice.chosen})
+    return choice, best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -973,7 +1053,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     cfg.precision = resolve_precision(cfg.precision, device)
     base, task, base_dir, base_ckpt = load_base(cfg, device)
-    if cfg.cluster_init > base.config.n_embd:  # no more principal components than feature dimensions
+    if cfg.cluster_init > base.config.n_embd:  # no more directions than feature dimensions
         raise ValueError(f"--cluster-init must be at most the model width {base.config.n_embd}, "
                          f"got {cfg.cluster_init}")
     out = cfg.out or os.path.join("runs", task.name, cfg.latent)
@@ -1002,23 +1082,18 @@ def main(argv=None):
             write_json(os.path.join(out, "metrics.json"),
                        {**metrics, "eval_inputs": n_inputs, "train_seconds": elapsed})
 
-    def checkpoint_start_phase(selection):  # a kill between starts costs only the start it stopped
-        best = selection.best
-        save_checkpoint(ckpt_path, best.fact, VOCAB, task.name, optimizer=best.optimizer.state_dict(), step=0,
-                        train_config=asdict(cfg), torch_rng=best.torch_rng,
-                        train_seconds=seconds + time.perf_counter() - t0, start=selection.chosen,
-                        posterior_vote=best.posterior_vote, start_scores=selection.scores, start_records=best.records)
+    def checkpoint_start_phase(starts):  # a kill between starts costs only the start it stopped
+        save_checkpoint(ckpt_path, starts[-1].fact, VOCAB, task.name, optimizer=starts[-1].optimizer.state_dict(),
+                        step=0, train_config=asdict(cfg), train_seconds=seconds + time.perf_counter() - t0,
+                        start_states=[s.state() for s in starts])
 
     if start_step == 0 and cfg.starts > 1:  # the first phase ran in each start; the chosen one goes on
-        resumed = None
-        if "start_scores" in ckpt:  # stopped between starts: fact and optimizer hold the best so far
-            truncate_log(log_path, -1)  # the log begins once the choice is made
-            scores = ckpt["start_scores"]
-            resumed = Selection(scores, chosen, Start(fact, optimizer, ckpt["start_records"], ckpt["torch_rng"],
-                                                      posterior_vote, scores[chosen]))
-        selection = select_start(cfg, base, task, base_dir, base_ckpt, device, resumed, checkpoint_start_phase)
-        chosen, best = selection.chosen, selection.best
-        fact, optimizer, start_step, posterior_vote = best.fact, best.optimizer, cfg.start_steps, best.posterior_vote
+        truncate_log(log_path, -1)  # the log begins once the choice is made
+        trained = [restore_start(state, cfg, task, base_dir, base_ckpt, device, start)
+                   for start, state in enumerate(ckpt.get("start_states", []))]  # a run stopped between starts
+        choice, best = select_start(cfg, base, task, base_dir, base_ckpt, device, trained, checkpoint_start_phase)
+        chosen, fact, optimizer = choice.chosen, best.fact, best.optimizer
+        start_step, posterior_vote = cfg.start_steps, best.posterior_vote
         torch.set_rng_state(best.torch_rng)
         for record in best.records:
             append_jsonl(log_path, record)

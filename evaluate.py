@@ -663,8 +663,8 @@ def score_stage2_run(run, ckpt, n_inputs, device_name):
     """Rescore a stage-2 run at its checkpoint on n_inputs held-out inputs (its own seed): metrics_<N>.json."""
     from disentangle import Config, build_factorization, load_base  # stage 2 imports this file
     cfg = Config(**{k: v for k, v in ckpt["train_config"].items() if k in Config.__dataclass_fields__})
-    if "start_scores" in ckpt:
-        raise ValueError(f"{run}: stopped while choosing its start ({len(ckpt['start_scores'])} of {cfg.starts} "
+    if "start_states" in ckpt:
+        raise ValueError(f"{run}: stopped while choosing its start ({len(ckpt['start_states'])} of {cfg.starts} "
                          f"trained); finish it with disentangle.py --resume first")
     device = pick_device(device_name)
     _, task, base_dir, base_ckpt = load_base(cfg, device)

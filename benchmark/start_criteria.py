@@ -7,9 +7,12 @@ labelled metrics, at two steps of each start: how well would each criterion choo
 
 For each start (seed, seed+1000, ..) of `disentangle.py --task TASK --seed SEED` it trains the
 recipe to each step in --steps and prints one JSON line: on the 512 "select" pairs the run's
-choice reads, the hard-EM objective under the posterior (the recipe's criterion), under the
-router and under a uniform router, the log marginal likelihood and the posterior entropy; on
-held-out inputs, alignment, coverage and router accuracy. About 10 minutes per start on grid, on one core.
+choice reads, the hard-EM objective under the posterior (the recipe's tie-break among the starts
+that agree, disentangle.choose_start), under the router and under a uniform router, the log
+marginal likelihood and the posterior entropy; on held-out inputs, alignment, coverage and router
+accuracy. A last line gives the agreement of the starts' partitions at the first step and the
+start the recipe goes on with (disentangle.choose_start). About 10 minutes per start on grid, on
+one core.
 """
 
 import argparse
@@ -61,21 +64,31 @@ def main(argv=None):
     cfg.precision = D.resolve_precision(cfg.precision, "cpu")
     base, task, base_dir, base_ckpt = D.load_base(cfg, "cpu")
     pairs = D.training_pairs(task, base, cfg, 0, "cpu", "select", D.CLUSTER_PAIRS)
+    starts = []
     for start in range(args.starts):
         trained = D.train_start(cfg, base, task, base_dir, base_ckpt, "cpu", start)  # to steps[0]
+        starts.append(trained)  # its objective and assignment stay those of steps[0]
         start_cfg = D.replace(cfg, seed=D.start_seed(cfg.seed, start))
         for first, step in zip([steps[0]] + steps, steps):
             trained.fact.train()
             D.train_steps(trained.fact, base, task, trained.optimizer, start_cfg, "cpu", first, step, lambda r: None)
             scores = criteria(trained.fact, task, pairs)
             metrics, _ = factorization_metrics(trained.fact, task, args.inputs, cfg.seed)
-            line = json.dumps({"task": task.name, "seed": args.seed, "start": start, "step": step, **scores,
-                               **{k: metrics[k] for k in LABELLED}})
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            report({"task": task.name, "seed": args.seed, "start": start, "step": step, **scores,
+                    **{k: metrics[k] for k in LABELLED}}, args.out)
+    choice = D.choose_start(starts)  # the recipe's choice at steps[0]
+    report({"task": task.name, "seed": args.seed, "step": steps[0], "start/agreement": choice.agreement,
+            "start/support": choice.support, "start/chosen": choice.chosen}, args.out)
     return 0
+
+
+def report(record, out):
+    """Print one JSON line, and append it to the file out when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

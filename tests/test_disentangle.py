@@ -454,12 +454,27 @@ def test_posterior_to_labels_fits_the_assignment_at_the_set_confidence(tiny_base
     assert float(q.max(1).values.mean()) == pytest.approx(D.CLUSTER_CONFIDENCE, abs=1e-3)
 
 
+def test_trace_contrast_finds_the_direction_in_which_an_inputs_traces_differ():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.nn.functional.pad(10 * torch.randn(200, 10, generator=g), (0, 6))  # (P, d): the largest variance
+    strategy = torch.zeros(16)
+    strategy[12] = 1.0  # the traces of one input differ along this direction only
+    features = torch.cat([inputs + strategy, inputs - strategy]) + 0.1 * torch.randn(400, 16, generator=g)  # (N, d)
+    contrasts = torch.stack([torch.arange(200), torch.arange(200, 400)], 1)  # (P, 2): one input's two traces
+    mean, whiten, points = D.trace_contrast(features, contrasts, 1)
+    top = whiten[:, 0] / whiten[:, 0].norm()
+    assert abs(float(top[12])) > 0.99  # where the top principal components follow the inputs
+    assert torch.allclose(points, (features - mean) @ whiten)
+    assert float(points[:, 0].var()) == pytest.approx(1.0, abs=0.02)  # unit variance along the direction
+    assert float(points[:200, 0].sign().mul(points[200:, 0].sign()).eq(-1).float().mean()) == 1.0  # sides split
+
+
 def test_cluster_posterior_starts_confident_but_not_saturated(tiny_base):
     fact, _ = tiny_fact(tiny_base)
     cfg = D.Config(data="dgp", cluster_init=4)
     shares = D.cluster_posterior(fact, None, get_task("grid"), cfg)
     assert sum(shares) == pytest.approx(1.0) and len(shares) == 3
-    pairs = D.training_pairs(get_task("grid"), None, cfg, 0, "cpu", "clusters", D.CLUSTER_PAIRS)
+    pairs = D.training_pairs(get_task("grid"), None, cfg, 0, "cpu", "clusters", D.CONTRAST_PAIRS, per_input=2)
     q = evaluate.posterior_distribution(fact, get_task("grid"), pairs)  # (N, K), the clustered pairs
     assert float(q.max(1).values.mean()) == pytest.approx(D.CLUSTER_CONFIDENCE, abs=1e-3)
     assert torch.bincount(q.argmax(1), minlength=3).div(len(q)).tolist() == pytest.approx(shares)
@@ -518,7 +533,7 @@ def test_continuous_cluster_posterior_gives_each_cluster_a_corner(tiny_base):
     cfg = D.Config(data="dgp", latent="continuous", cluster_init=4, dz=4)
     shares = D.cluster_posterior(fact, None, get_task("grid"), cfg)
     assert sum(shares) == pytest.approx(1.0) and len(shares) == 3  # one cluster per strategy
-    pairs = D.training_pairs(get_task("grid"), None, cfg, 0, "cpu", "clusters", D.CLUSTER_PAIRS)
+    pairs = D.training_pairs(get_task("grid"), None, cfg, 0, "cpu", "clusters", D.CONTRAST_PAIRS, per_input=2)
     mu, logvar = evaluate.posterior_distribution(fact, get_task("grid"), pairs)  # (N, dz) each
     std = (0.5 * logvar).exp()
     assert torch.allclose(std[:, :2], torch.full_like(std[:, :2], D.CLUSTER_STD))  # the simplex's plane
@@ -703,17 +718,42 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     assert not list(moved.glob("*.tmp.*"))
 
 
+def test_assignment_agreement_is_one_for_the_same_partition_under_other_names():
+    a = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert D.assignment_agreement(a, torch.tensor([2, 2, 0, 0, 1, 1])) == 1.0
+    assert D.assignment_agreement(a, torch.tensor([2, 2, 0, 1, 1, 0])) == pytest.approx(4 / 6)
+    assert D.assignment_agreement(a, torch.zeros(6, dtype=torch.long)) == pytest.approx(2 / 6)  # one latent for all
+
+
+def test_the_chosen_start_is_the_partition_most_starts_reach_then_the_best_objective():
+    strategy = torch.arange(300) % 3  # (N,) the "select" pairs' strategies; the first 150 inputs have a carry
+    carry = torch.arange(300) < 150
+    rename = lambda order: torch.tensor(order)[strategy]
+    swapped = torch.where(carry & (strategy < 2), 1 - strategy, strategy)  # latents 0 and 1 trade on a group
+    noisy = rename([1, 2, 0]).clone()
+    noisy[:20] = 0  # a start still settling: agrees with the others on 0.96 of pairs
+    start = lambda objective, assignment: D.Start(None, None, [], None, 0, objective, assignment)
+    entangled = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(0))  # pairs split at random
+    starts = [start(-0.44, rename([0, 1, 2])), start(-0.34, rename([2, 0, 1])), start(-1.60, entangled),
+              start(-0.27, swapped), start(-0.30, noisy), start(-0.41, rename([1, 0, 2]))]
+    choice = D.choose_start(starts)
+    assert choice.support == [3, 3, 0, 0, 3, 3]
+    assert choice.chosen == 4  # not the swap, whose objective is the highest
+    assert choice.agreement[3][0] == pytest.approx(1 - 100 / 300)  # the swap moves 100 of 300 pairs
+    agreeing = [start(-0.5, rename([0, 1, 2])), start(-0.2, rename([1, 2, 0])), start(-0.3, rename([2, 1, 0]))]
+    assert D.choose_start(agreeing).chosen == 1  # all reach one partition: the objective decides
+
+
 @pytest.mark.parametrize("latent", ["discrete", "continuous"])
-def test_starts_continue_the_one_with_the_best_hard_em_objective_and_resume_exactly(tiny_base, tmp_path, monkeypatch,
-                                                                                     latent):
+def test_starts_continue_the_chosen_one_and_resume_exactly(tiny_base, tmp_path, monkeypatch, latent):
     args = lambda out, *extra: tiny_args(tiny_base, out, latent, "--starts", "3", "--start-steps", "2", *extra)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert D.main(args(straight)) == 0
     log = read_log(straight / "log.jsonl")
     choice = next(r for r in log if "start/chosen" in r)
-    scores = choice["start/hard_em_objective"]
+    scores, support = choice["start/hard_em_objective"], choice["start/support"]
     assert len(scores) == 3 and len(set(scores)) == 3  # three different starts
-    assert choice["start/chosen"] == scores.index(max(scores))
+    assert choice["start/chosen"] == max(range(3), key=lambda i: (support[i], scores[i]))
     assert [r["step"] for r in log if "loss/total" in r] == [1, 2, 3, 4]  # the chosen start's lines only
     assert [r["step"] for r in log if "eval_inputs" in r] == [2, 4]
     alone = tmp_path / "alone"  # the chosen start trains as the run with its seed would
