@@ -49,7 +49,7 @@ only where those clusters separate the two traces of at least VOTE_SPLIT of inpu
 
 The defaults are the recipe (Config, then RECIPES[(task, latent)]); a flag overrides both.
 
-    python disentangle.py --task grid --latent discrete   # 11.5 minutes on one core (linear 10, sort 19)
+    python disentangle.py --task grid --latent discrete   # 12-15 minutes on one core beside other runs (sum 11-15)
     python disentangle.py --latent continuous             # grid, 13 minutes on one core (four starts)
     python evaluate.py runs/grid_pathfinding/discrete --inputs 1000   # rescore a finished run
 
