@@ -491,8 +491,9 @@ def hard_em_objective(latent_logp, log_prior):
     a hard assignment, computed without strategy labels. With the router's log p_phi(k|x), deterministic
     traces and a uniform router, it is -log K for a disentangled factorization (each trace written by
     one latent) and -2 log K for an entangled one (every latent writes the mixture). With the
-    posterior's log q(k|x,y) it also sees latents that swap names across inputs, where q cannot
-    follow the swap; a swap keyed on something y shows, as sum's carry, it misses (disentangle.choose_start)."""
+    posterior's log q(k|x,y) it also sees latents that swap names across inputs where q cannot
+    follow the swap, but not a swap keyed on something y itself shows, such as sum's carry
+    (disentangle.choose_start handles those)."""
     return (latent_logp + log_prior).max(1).values.mean().item()
 
 
