@@ -33,9 +33,9 @@ Three moves outside the gradient make discovery reliable where the ELBO alone st
 M directions in which two traces of one input differ most (trace_contrast, cluster_posterior);
 --reassign N, the classification step of hard EM, sends pairs to the latent whose generator rates
 them highest (reassign_clusters); --starts N trains N starts to --start-steps and goes on with
-the one whose partition of 512 pairs among the latents (generator_assignment) the most other
+the one whose partition of 512 pairs among the latents (score_start) the most other
 starts reached, and among those the one whose hard-EM objective under the posterior,
-max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (choose_start, posterior_hard_em_objective;
+max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (choose_start, score_start;
 continuous: k runs over the posterior's clusters), all without labels.
 With --hard-em (classification EM, the discrete recipe) each pair trains only the generator of
 k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment. With
@@ -930,7 +930,7 @@ class Start:
     torch_rng: torch.Tensor  # the RNG state to continue from
     posterior_vote: int  # the steps its posterior votes (Initialisation)
     hard_em_objective: float  # under the posterior, on the "select" pairs, which every start shares
-    assignment: torch.Tensor  # (N,) each "select" pair's latent under the generator (generator_assignment)
+    assignment: torch.Tensor  # (N,) each "select" pair's latent under the generator (score_start)
 
     def state(self):
         """What a checkpoint keeps of the start (restore_start reads it back)."""
@@ -939,26 +939,27 @@ class Start:
                 "hard_em_objective": self.hard_em_objective, "assignment": self.assignment}
 
 
+@dataclass
+class StartScore:
+    hard_em_objective: float  # mean_n max_k [log p_psi(y|x,k) + log q(k|x,y)] (evaluate.hard_em_objective)
+    assignment: torch.Tensor  # (N,) each pair's latent under the generator: the partition the start reached
+
+
 @torch.no_grad()
-def posterior_hard_em_objective(fact, task, pairs):
-    """The hard-EM objective under the posterior, mean_n max_k [log p_psi(y|x,k) + log q(k|x,y)]
-    (evaluate.hard_em_objective), on pairs. Continuous: k runs over the posterior's clusters, the
-    generator read at each cluster's centroid, and q is one-hot on the pair's own cluster
-    (posterior_clusters), so the objective is mean_n log p_psi(y_n|x_n, z = its cluster's centroid)."""
+def score_start(fact, task, pairs):
+    """What choose_start reads of a start on pairs, from one pass of the generator under every
+    latent: the hard-EM objective under the posterior, and the latent under which the generator
+    rates each pair's y highest. Continuous: k runs over the posterior's clusters, the generator
+    read at each cluster's centroid, and q is one-hot on the pair's own cluster (posterior_clusters),
+    so the objective is mean_n log p_psi(y_n|x_n, z = its cluster's centroid)."""
     if fact.latent == "discrete":
+        latent_logp = latent_log_likelihoods(fact, task, pairs)  # (N, K)
         posterior_logq = posterior_distribution(fact, task, pairs).clamp(min=1e-12).log()  # (N, K)
-        return hard_em_objective(latent_log_likelihoods(fact, task, pairs), posterior_logq)
+        return StartScore(hard_em_objective(latent_logp, posterior_logq), latent_logp.argmax(1))
     clusters = posterior_clusters(fact, task, pairs)
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    return record_log_probs(fact.lm, task, xs, ys, latent=clusters.centroids[clusters.assign]).mean().item()
-
-
-@torch.no_grad()
-def generator_assignment(fact, task, pairs):
-    """(N,) the latent under which the generator rates each pair's y highest (continuous: the
-    posterior cluster at whose centroid it does): the partition of the pairs a start has reached."""
-    centroids = posterior_clusters(fact, task, pairs).centroids if fact.latent == "continuous" else None
-    return latent_log_likelihoods(fact, task, pairs, centroids).argmax(1)
+    objective = record_log_probs(fact.lm, task, xs, ys, latent=clusters.centroids[clusters.assign]).mean().item()
+    return StartScore(objective, latent_log_likelihoods(fact, task, pairs, clusters.centroids).argmax(1))
 
 
 def assignment_agreement(a, b):
@@ -997,7 +998,7 @@ def start_seed(seed, start):
 
 def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     """The first cfg.start_steps steps of the run with seed start_seed(cfg.seed, start) (initialisation,
-    clusters and data), read on the "select" pairs: posterior_hard_em_objective and generator_assignment."""
+    clusters and data), read on the "select" pairs (score_start)."""
     start_cfg = replace(cfg, seed=start_seed(cfg.seed, start))
     seed_everything(start_cfg.seed)
     fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
@@ -1008,9 +1009,9 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     train_steps(fact, base, task, optimizer, start_cfg, device, 0, cfg.start_steps, records.append)
     torch_rng = torch.get_rng_state()
     pairs = training_pairs(task, base, cfg, 0, device, "select", CLUSTER_PAIRS)
-    score, assignment = posterior_hard_em_objective(fact, task, pairs), generator_assignment(fact, task, pairs)
+    score = score_start(fact, task, pairs)
     fact.train()
-    return Start(fact, optimizer, records, torch_rng, init.posterior_vote, score, assignment)
+    return Start(fact, optimizer, records, torch_rng, init.posterior_vote, score.hard_em_objective, score.assignment)
 
 
 def restore_start(state, cfg, task, base_dir, base_ckpt, device, start):

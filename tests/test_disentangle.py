@@ -557,7 +557,9 @@ def test_continuous_start_score_reads_each_pair_at_its_clusters_centroid(tiny_ba
         assert torch.allclose(clusters.centroids[c], mu[clusters.assign == c].mean(0))
     table = evaluate.latent_log_likelihoods(fact, task, pairs, clusters.centroids)  # (N, C)
     own = table.gather(1, clusters.assign[:, None]).mean().item()  # q one-hot on the pair's cluster
-    assert D.posterior_hard_em_objective(fact, task, pairs) == pytest.approx(own, rel=1e-4)
+    score = D.score_start(fact, task, pairs)
+    assert score.hard_em_objective == pytest.approx(own, rel=1e-4)
+    assert score.assignment.tolist() == table.argmax(1).tolist()
 
 
 def test_latent_log_likelihoods_equal_one_pair_and_one_latent_at_a_time(tiny_base):
