@@ -562,7 +562,7 @@ def continuous_scores(fact, task, xs, pairs, labels, seed):
     keep = [i for i, s in enumerate(decoded) if len(s) == 1]
     z_labels = torch.tensor([task.strategies.index(next(iter(decoded[i]))) for i in keep], dtype=torch.long)
     metrics["sampled_z_probe_acc"] = linear_probe_accuracy(task, [xs[i] for i in keep], z[keep], z_labels)
-    mu_q = posterior_distribution(fact, task, pairs)[0] if pairs else torch.zeros(0, z.shape[1])  # (M, dz)
+    mu_q = posterior_distribution(fact, task, pairs)[0] if pairs else torch.zeros(0, z.shape[1])  # (len(pairs), dz)
     metrics["posterior_mu_probe_acc"] = linear_probe_accuracy(task, [x for x, _ in pairs], mu_q, labels)
     metrics["posterior_sampled_gap"] = metrics["posterior_mu_probe_acc"] - metrics["sampled_z_probe_acc"]
     metrics.update(centroid_geometry(mu_q, labels, len(task.strategies)))
@@ -681,7 +681,7 @@ def score_stage2_run(run, ckpt, n_inputs, device_name):
 
 def main(argv=None):
     parser = OneLineParser(description="Score a run folder's checkpoint: a base run (metrics.json) "
-                                                 "or a stage-2 run (metrics_<inputs>.json).")
+                                       "or a stage-2 run (metrics_<inputs>.json).")
     parser.add_argument("run", help="a run folder holding ckpt.pt, e.g. runs/grid_pathfinding/base")
     parser.add_argument("--inputs", type=int, default=500, help="held-out inputs to generate for")
     parser.add_argument("--seed", type=int, default=0, help="base runs: seed for inputs and sampling "

@@ -520,6 +520,8 @@ def arg(default, help):
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, without the usage text."""
+
     def error(self, message):  # one clear line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -528,7 +530,7 @@ def parse_config(cls, argv=None, description="", epilog=""):
     """Build an argparse parser from a config dataclass's fields. Returns the config and the set of
     field names the command line gave (so a stage can fill the others from its recipe)."""
     parser = OneLineParser(description=description, epilog=epilog, allow_abbrev=False,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         name, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', '')} (default: {f.default})"
         if f.type in (bool, "bool"):
