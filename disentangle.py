@@ -200,6 +200,7 @@ def latent_recipe(latent, n_strategies):
 TASK_RECIPES = {
     ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
+    ("list_summation", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
     ("base_conversion", "discrete"): {"steps": 3000},
     ("multidigit_addition", "discrete"): {"steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},

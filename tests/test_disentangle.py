@@ -601,7 +601,7 @@ def resolved(argv):
 
 
 def test_no_flag_config_is_the_recipe():
-    for task in ("grid", "sort", "add", "linear"):
+    for task in ("grid", "sort", "add", "linear", "sum", "base"):
         for latent in ("discrete", "continuous"):
             cfg = resolved(["--task", task, "--latent", latent])
             expected = {**vars(D.Config(task=task, latent=latent)), **D.RECIPES[(get_task(task).name, latent)]}
@@ -621,6 +621,7 @@ def test_no_flag_config_is_the_recipe():
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data, grid.starts) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp", 4)
+    assert replace(resolved(["--task", "sum", "--latent", "continuous"]), task="grid") == grid  # grid's recipe
 
 
 def test_a_given_flag_overrides_the_recipe():
