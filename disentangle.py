@@ -202,6 +202,8 @@ TASK_RECIPES = {
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
     ("list_summation", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
     ("base_conversion", "discrete"): {"steps": 3000},
+    ("base_conversion", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4,
+                                        "steps": 3000},
     ("multidigit_addition", "discrete"): {"steps": 1800},
     ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},
     ("sorting_algorithms", "discrete"): {"steps": 2400},

@@ -622,6 +622,7 @@ def test_no_flag_config_is_the_recipe():
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data, grid.starts) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp", 4)
     assert replace(resolved(["--task", "sum", "--latent", "continuous"]), task="grid") == grid  # grid's recipe
+    assert replace(resolved(["--task", "base", "--latent", "continuous"]), task="grid", steps=1200) == grid
 
 
 def test_a_given_flag_overrides_the_recipe():
