@@ -196,8 +196,21 @@ def latent_recipe(latent, n_strategies):
     return {"router_marginal_kl": 1.0}
 
 
-# What a (task, latent) pair adds: steps that follow from the trace length; continuous, per task
+# What a (task, latent) pair adds: steps that follow from the trace length; continuous, per task.
+# CLUSTERED_MIXTURE: the k-means start with reassignment, the mixture router and four starts
+CLUSTERED_MIXTURE = {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4}
 TASK_RECIPES = {
+    ("grid_pathfinding", "continuous"): CLUSTERED_MIXTURE,
+    ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
+    ("list_summation", "continuous"): CLUSTERED_MIXTURE,
+    ("base_conversion", "discrete"): {"steps": 3000},
+    ("base_conversion", "continuous"): {**CLUSTERED_MIXTURE, "steps": 3000},
+    ("multidigit_addition", "discrete"): {"steps": 1800},
+    ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},
+    ("sorting_algorithms", "discrete"): {"steps": 2400},
+    ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
+}
+RECIPES = {
     ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
     ("list_summation", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
