@@ -210,18 +210,6 @@ TASK_RECIPES = {
     ("sorting_algorithms", "discrete"): {"steps": 2400},
     ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
 }
-RECIPES = {
-    ("grid_pathfinding", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
-    ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
-    ("list_summation", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4},
-    ("base_conversion", "discrete"): {"steps": 3000},
-    ("base_conversion", "continuous"): {"cluster_init": 16, "reassign": 300, "router": "mixture", "starts": 4,
-                                        "steps": 3000},
-    ("multidigit_addition", "discrete"): {"steps": 1800},
-    ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},
-    ("sorting_algorithms", "discrete"): {"steps": 2400},
-    ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
-}
 RECIPES = {(task, latent): {**latent_recipe(latent, len(cls.strategies)), **TASK_RECIPES.get((task, latent), {})}
            for task, cls in TASKS.items() for latent in ("discrete", "continuous")}
 RECIPES_HELP = "defaults: the values shown, then RECIPES for the task and latent:\n" + "\n".join(

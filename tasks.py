@@ -126,6 +126,9 @@ class Task:
     name = ""
     alias = ""
     strategies = ()
+    # raised when a task changes what it writes (inputs, traces): base models of an earlier
+    # revision no longer count in the benchmark, nor the stage-2 runs on them
+    revision = 1
 
     def __init__(self, mixture="uniform"):
         if mixture not in ("uniform", "input-dependent"):

@@ -187,7 +187,8 @@ def main(argv=None):
     model = GPT(model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     ckpt = open_run(out, cfg.resume, model, optimizer, asdict(cfg), VOCAB, task.name,
-                    {**asdict(cfg), "steps": total_steps, "model": asdict(model_cfg), "machine": machine_info(device)})
+                    {**asdict(cfg), "steps": total_steps, "task_revision": task.revision, "model": asdict(model_cfg),
+                     "machine": machine_info(device)})
     # a resumed run keeps its time and its count of training tokens (padding excluded)
     start_step, seconds, train_tokens = ckpt.get("step", 0), ckpt.get("train_seconds", 0.0), ckpt.get("train_tokens", 0)
 

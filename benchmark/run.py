@@ -13,10 +13,13 @@ runs/benchmark/logs/. Each job gets cores / jobs threads (or --threads). When a 
 config.json and metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with
 the code: the report is written from the records, so a table can grow over sweeps on different
 machines, and a base model whose folder is gone is trained again only when a stage-2 run still
-needs it. A base record counts only while its settings are train_base.py's defaults, a stage-2
-record only while its settings are the current recipe's (disentangle.RECIPES) and it ran on the
-recorded base model: after either changes, the runs are run again, the earlier folder kept as
-<run>.earlier-N, and until then the report shows their records apart, under the earlier recipe.
+needs it. A base record counts only while its settings are train_base.py's defaults and its task's
+revision the current one, a stage-2 record only while its settings are the current recipe's
+(disentangle.RECIPES) and the base model it ran on counts: after either changes, the runs are run
+again, the earlier folder kept as <run>.earlier-N, and until then the report shows their records
+apart. A base model trained again with the same settings (its folder gone, or on another machine)
+replaces base.json; the record it replaces is kept as base_<started>.json, and the stage-2 records
+that ran on it still count, each table row naming the base it ran on.
 """
 
 import argparse
@@ -88,10 +91,12 @@ BASE_BEFORE = {"exact_branches": False}
 
 
 def earlier_base_settings(config):
-    """The settings in which a base run's config differs from `train_base.py`'s defaults."""
+    """The settings in which a base run's config differs from `train_base.py`'s defaults, and
+    "task_revision" where its task has changed what it writes since (tasks.Task.revision)."""
     defaults = vars(BaseConfig())
-    return sorted(k for k, v in defaults.items()
-                  if k not in BASE_NOT_RECIPE and config.get(k, BASE_BEFORE.get(k, v)) != v)
+    differ = sorted(k for k, v in defaults.items()
+                    if k not in BASE_NOT_RECIPE and config.get(k, BASE_BEFORE.get(k, v)) != v)
+    return differ + (["task_revision"] if config.get("task_revision", 1) != get_task(config["task"]).revision else [])
 
 
 def current(config, task, latent):
@@ -100,10 +105,28 @@ def current(config, task, latent):
     return not earlier_recipe(config, task, latent)
 
 
-def on_earlier_base(config, base_config):
-    """Whether a stage-2 run started before the recorded base model did, so it cannot have read it."""
-    started = lambda c: (c or {}).get("machine", {}).get("started", "")
-    return base_config is not None and started(config) < started(base_config)
+def started(config):
+    return (config or {}).get("machine", {}).get("started", "")
+
+
+def base_records(folder):
+    """The records of every base model of a task's record folder, newest first: base.json and the
+    base_<started>.json that it replaced."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = [read(os.path.join(folder, n)) for n in names if n == "base.json" or (n.startswith("base_") and n.endswith(".json"))]
+    return sorted((r for r in found if r and r.get("config") and r.get("metrics")), key=lambda r: started(r["config"]), reverse=True)
+
+
+def base_of(folder, config):
+    """The record of the base model a stage-2 run read: the latest one started before it (every run
+    reads its task's latest base model), or None where none was recorded."""
+    return next((r for r in base_records(folder) if started(r["config"]) <= started(config)), None)
+
+
+def on_earlier_base(folder, config):
+    """Whether a stage-2 run read a base model that no longer counts (earlier settings or task revision)."""
+    base = base_of(folder, config)
+    return base is not None and not current(base["config"], base["config"]["task"], None)
 
 
 def run_name(latent=None, seed=None):
@@ -149,8 +172,7 @@ def recorded(record, task, latent):
     config = (read(record) or {}).get("config")
     if config is None or not current(config, task, latent):
         return False
-    base = (read(os.path.join(os.path.dirname(record), "base.json")) or {}).get("config")
-    return latent is None or not on_earlier_base(config, base)
+    return latent is None or not on_earlier_base(os.path.dirname(record), config)
 
 
 def why_earlier(job):
@@ -164,7 +186,7 @@ def why_earlier(job):
     earlier = earlier_recipe(config, job.task, job.latent)
     if earlier:
         return f"settings {', '.join(earlier)} from an earlier recipe"
-    return "an earlier base model" if on_earlier_base(config, read(os.path.join(job.needs, "config.json"))) else ""
+    return "an earlier base model" if on_earlier_base(os.path.dirname(job.record), config) else ""
 
 
 def set_aside_earlier_run(job):
@@ -182,10 +204,22 @@ def set_aside_earlier_run(job):
 
 
 def save_record(folder, record):
-    """Copy a finished run's config.json and metrics.json into its record."""
+    """Copy a finished run's config.json and metrics.json into its record. A base record of another
+    base model is kept, as base_<its start>.json: the stage-2 records that ran on it are judged by it."""
     os.makedirs(os.path.dirname(record), exist_ok=True)
-    write_json(record, {"config": read(os.path.join(folder, "config.json")),
-                        "metrics": read(os.path.join(folder, "metrics.json"))})
+    config = read(os.path.join(folder, "config.json"))
+    replaced = (read(record) or {}).get("config")
+    if os.path.basename(record) == "base.json" and replaced and started(replaced) != started(config):
+        stamp = started(replaced).replace("-", "").replace(":", "").replace(" ", "-")
+        os.replace(record, os.path.join(os.path.dirname(record), f"base_{stamp}.json"))
+    write_json(record, {"config": config, "metrics": read(os.path.join(folder, "metrics.json"))})
+
+
+def record_base(folder, record):
+    """Record a finished base model of the current settings (a no-op if it is recorded already)."""
+    config = read(os.path.join(folder, "config.json"))
+    if finished(folder) and config and not earlier_base_settings(config):
+        save_record(folder, record)
 
 
 def sync_records(args):
@@ -228,6 +262,8 @@ def run_jobs(args):
             elif needs is None or (finished(needs) and needs not in busy(pending, running)):
                 pending.remove(job)
                 set_aside_earlier_run(job)
+                if needs is not None:  # its base may have been trained by another process: record it first
+                    record_base(needs, os.path.join(os.path.dirname(record), "base.json"))
                 resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
                 log = open(os.path.join(args.runs, "logs", f"{name}.log"), "a")
                 env = {**os.environ, "OMP_NUM_THREADS": threads}
@@ -306,21 +342,22 @@ def base_table(records, tasks):
     keys = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
     rows = ["| task | command | steps | training tokens | inputs | wall-clock | machine | started | "
             + " | ".join(keys) + " | meets all |", "|---" * (9 + len(keys)) + "|"]
-    earlier = {}  # task alias -> the settings in which its record differs from train_base.py's defaults
+    earlier = {}  # task alias -> the settings in which its latest record differs from train_base.py's defaults
     for task in tasks:
-        config, metrics = read_record(records, task, "base")
-        if not (config and metrics):
-            continue
-        stale = earlier_base_settings(config)
-        if stale:
-            earlier[get_task(task).alias] = stale
-        where, started = machine(config)
-        inputs = metrics.get("eval_inputs", config.get("eval_inputs", "?"))  # older runs scored on eval_inputs
-        meets = "yes" if meets_all(metrics, "base") else "no"
-        tokens = f"{metrics['train_tokens'] / 1e6:.1f}M" if "train_tokens" in metrics else "?"  # padding excluded
-        rows.append(f"| {get_task(task).name} | `{command(config, 'train_base.py')}` | {config['steps']} | "
-                    f"{tokens} | {inputs} | {metrics['train_seconds']:.0f} s | {where} | {started} | "
-                    + " | ".join(fmt(metrics[k]) for k in keys) + f" | {meets} |")
+        for age, record in enumerate(base_records(os.path.join(records, get_task(task).name))):
+            config, metrics = record["config"], record["metrics"]
+            stale = earlier_base_settings(config)
+            if stale and not age:
+                earlier[get_task(task).alias] = stale
+            where, when = machine(config)
+            inputs = metrics.get("eval_inputs", config.get("eval_inputs", "?"))  # older runs scored on eval_inputs
+            meets = "yes" if meets_all(metrics, "base") else "no"
+            tokens = f"{metrics['train_tokens'] / 1e6:.1f}M" if "train_tokens" in metrics else "?"  # padding excluded
+            rows.append(f"| {get_task(task).name} | `{command(config, 'train_base.py')}` | {config['steps']} | "
+                        f"{tokens} | {inputs} | {metrics['train_seconds']:.0f} s | {where} | {when} | "
+                        + " | ".join(fmt(metrics[k]) for k in keys) + f" | {meets} |")
+    rows += ["", "A task's newest base model is the one a new stage-2 run reads; the rows of a stage-2 table name "
+             "the base model each run read by its start."]
     if earlier:
         rows += ["", "Trained with settings of an earlier train_base.py: "
                  + "; ".join(f"{alias} ({', '.join(names)})" for alias, names in earlier.items())
@@ -328,22 +365,24 @@ def base_table(records, tasks):
     return rows
 
 
-def seed_table(found, latent):
-    """The rows of one table of stage-2 runs, [(seed, config, values)], with min, mean and max."""
+def seed_table(found, latent, folder):
+    """The rows of one table of stage-2 runs, [(seed, config, values)], with min, mean and max;
+    folder: the task's records, for the base model each run read."""
     keys = list(TARGETS[latent])
-    rows = ["| seed | command | steps | inputs | wall-clock | machine | started | " + " | ".join(keys)
-            + " | meets all |", "|---" * (8 + len(keys)) + "|"]
+    rows = ["| seed | command | steps | inputs | wall-clock | machine | started | base model started | "
+            + " | ".join(keys) + " | meets all |", "|---" * (9 + len(keys)) + "|"]
     for seed, config, values in found:
-        where, started = machine(config)
+        where, when = machine(config)
+        base = started((base_of(folder, config) or {}).get("config")) or "not recorded"
         meets = meets_all(values, latent)
         rows.append(f"| {seed} | `{command(config, 'disentangle.py')}` | {config['steps']} | "
-                    f"{values.get('eval_inputs', '?')} | {values['train_seconds']:.0f} s | {where} | {started} | "
+                    f"{values.get('eval_inputs', '?')} | {values['train_seconds']:.0f} s | {where} | {when} | {base} | "
                     + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
     n_meet = sum(meets_all(v, latent) for _, _, v in found)
     for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
         cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
         meets = f"{n_meet} of {len(found)}" if label == "min" else ""
-        rows.append(f"| **{label}** | | | | | | | {cells} | {meets} |")
+        rows.append(f"| **{label}** | | | | | | | | {cells} | {meets} |")
     return rows + [""]
 
 
@@ -352,13 +391,13 @@ def stage2_table(records, tasks, latent, seeds):
     rows = []
     for task in tasks:
         found, earlier, on_earlier = [], [], []
-        base_config, _ = read_record(records, task, "base")
+        folder = os.path.join(records, get_task(task).name)
         for seed in seeds:
             config, metrics = read_record(records, task, run_name(latent, seed))
             if config and metrics:
                 if current(config, task, latent):
                     found.append((seed, config, stage2_values(metrics, latent)))
-                    on_earlier += [seed] if on_earlier_base(config, base_config) else []
+                    on_earlier += [seed] if on_earlier_base(folder, config) else []
                 else:
                     earlier.append((seed, config, stage2_values(metrics, latent)))
         if not found and not earlier:
@@ -367,15 +406,15 @@ def stage2_table(records, tasks, latent, seeds):
         seeds_text = lambda s: f"Seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}"
         rows += [f"### {name}, {latent}", ""]
         if found:
-            rows += [f"Recipe as resolved: `{settings(found[0][1])}`.", ""] + seed_table(found, latent)
+            rows += [f"Recipe as resolved: `{settings(found[0][1])}`.", ""] + seed_table(found, latent, folder)
         if on_earlier:
-            rows += [f"{seeds_text(on_earlier)} ran on a base model trained before the one in the table of base "
-                     f"models (started {machine(base_config or {})[1]}); {again} runs them again on it.", ""]
+            rows += [f"{seeds_text(on_earlier)} ran on a base model of earlier settings or an earlier task "
+                     f"revision; {again} runs them again on the newest one.", ""]
         if earlier:
             differ = sorted({k for _, config, _ in earlier for k in earlier_recipe(config, task, latent)})
             rows += [f"{seeds_text([seed for seed, _, _ in earlier])}, recorded with an earlier recipe or code (it "
                      f"differs in {', '.join(differ)}; {again} runs them again): `{settings(earlier[0][1])}`.", ""]
-            rows += seed_table(earlier, latent)
+            rows += seed_table(earlier, latent, folder)
     return rows
 
 

@@ -43,8 +43,8 @@ def test_finished_runs_become_records_and_the_report_is_rewritten_the_same(tmp_p
     assert benchmark.pending_jobs(args) == []
     benchmark.write_report(args)
     first = open(args.report).read()
-    assert "| **min** | | | | | | | 0.800 | 0.900 | 0.990 | 1 of 2 |" in first
-    assert "| **mean** | | | | | | | 0.900 |" in first
+    assert "| **min** | | | | | | | | 0.800 | 0.900 | 0.990 | 1 of 2 |" in first
+    assert "| **mean** | | | | | | | | 0.900 |" in first
     benchmark.write_report(args)
     assert open(args.report).read() == first
 
@@ -84,8 +84,8 @@ def test_a_run_of_an_earlier_recipe_is_reported_apart_and_runs_again_in_a_fresh_
     report = open(args.report).read()
     current, earlier = report.split("Seeds 1, 2, recorded with an earlier recipe or code (it differs in revision, "
                                     "starts;")
-    assert "| **min** | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in current  # seed 0 alone
-    assert "| **min** | | | | | | | 0.500 | 0.900 | 0.990 | 0 of 2 |" in earlier  # seeds 1 and 2, apart
+    assert "| **min** | | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in current  # seed 0 alone
+    assert "| **min** | | | | | | | | 0.500 | 0.900 | 0.990 | 0 of 2 |" in earlier  # seeds 1 and 2, apart
 
 
 def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_path, capsys):
@@ -123,5 +123,40 @@ def test_a_base_of_earlier_settings_and_the_runs_on_an_earlier_base_run_again(tm
     finish(earlier_base, at(BASE[0], "2026-01-02 10:00"), BASE[1])  # trained again, after the stage-2 runs
     assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-discrete-seed0", "grid-discrete-seed1"]
     benchmark.write_report(args)
-    assert "Seeds 0, 1 ran on a base model trained before the one in the table" in open(args.report).read()
+    assert "Seeds 0, 1 ran on a base model of earlier settings" in open(args.report).read()
     assert benchmark.set_aside_earlier_run(jobs["grid-discrete-seed0"])
+
+
+def test_a_base_trained_again_with_the_same_settings_keeps_the_runs_on_the_one_it_replaces(tmp_path):
+    args = args_for(tmp_path)
+    at = lambda config, started: {**config, "machine": {"name": "cpu", "threads": 1, "started": started,
+                                                         "command": "python ..."}}
+    base = os.path.join(args.runs, "grid_pathfinding", "base")
+    finish(base, at(BASE[0], "2026-01-01 10:00"), BASE[1])
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"),
+           at(stage2(0, 1.0)[0], "2026-01-01 11:00"), stage2(0, 1.0)[1])
+    benchmark.pending_jobs(args)  # records both
+    os.rename(base, base + ".gone")  # its checkpoint is lost; seed 1 needs a base model
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed1"]
+    finish(base, at(BASE[0], "2026-01-02 10:00"), BASE[1])  # trained again, on another machine
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed1"),
+           at(stage2(1, 0.95)[0], "2026-01-02 11:00"), stage2(1, 0.95)[1])
+    assert benchmark.pending_jobs(args) == []  # seed 0's record still counts
+    records = os.path.join(args.records, "grid_pathfinding")
+    assert os.path.exists(os.path.join(records, "base_20260101-1000.json"))  # the replaced base is kept
+    benchmark.write_report(args)
+    report = open(args.report).read()
+    assert "| 2026-01-01 11:00 | 2026-01-01 10:00 | 1.000 |" in report  # seed 0 names the base it read
+    assert "| 2026-01-02 11:00 | 2026-01-02 10:00 | 0.950 |" in report
+    assert "| **min** | | | | | | | | 0.950 | 0.900 | 0.990 | 2 of 2 |" in report
+    assert report.count("| grid_pathfinding |") == 2  # both base models in the table of base models
+
+
+def test_a_task_of_a_later_revision_trains_its_base_again(tmp_path, monkeypatch):
+    args = args_for(tmp_path)
+    finish(os.path.join(args.runs, "grid_pathfinding", "base"), *BASE)
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"), *stage2(0, 1.0))
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed1"), *stage2(1, 1.0))
+    assert benchmark.pending_jobs(args) == []
+    monkeypatch.setattr(benchmark.get_task("grid").__class__, "revision", 2)  # grid writes something new
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed0", "grid-discrete-seed1"]
