@@ -22,6 +22,11 @@ def finish(folder, config, metrics, ckpt=True):
         open(os.path.join(folder, "ckpt.pt"), "w").close()
 
 
+def at(config, started):
+    """A config as recorded by a run started at `started`."""
+    return {**config, "machine": {"name": "cpu", "threads": 1, "started": started, "command": "python ..."}}
+
+
 BASE = ({**vars(benchmark.BaseConfig()), "task": "grid", "steps": 2500},
         {"answer_accuracy": 0.99, "parse_rate": 1.0, "strategy_tv": 0.02, "strategy_tv_per_input": 0.03,
          "excess_nll": 0.01, "train_seconds": 480.0})
@@ -107,8 +112,6 @@ def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_
 
 def test_a_base_of_earlier_settings_and_the_runs_on_an_earlier_base_run_again(tmp_path):
     args = args_for(tmp_path)
-    at = lambda config, started: {**config, "machine": {"name": "cpu", "threads": 1, "started": started,
-                                                         "command": "python ..."}}
     earlier_base = os.path.join(args.runs, "grid_pathfinding", "base")
     finish(earlier_base, at({**BASE[0], "exact_branches": False}, "2026-01-01 10:00"), BASE[1])
     for seed in (0, 1):
@@ -129,8 +132,6 @@ def test_a_base_of_earlier_settings_and_the_runs_on_an_earlier_base_run_again(tm
 
 def test_a_base_trained_again_with_the_same_settings_keeps_the_runs_on_the_one_it_replaces(tmp_path):
     args = args_for(tmp_path)
-    at = lambda config, started: {**config, "machine": {"name": "cpu", "threads": 1, "started": started,
-                                                         "command": "python ..."}}
     base = os.path.join(args.runs, "grid_pathfinding", "base")
     finish(base, at(BASE[0], "2026-01-01 10:00"), BASE[1])
     finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"),
