@@ -112,9 +112,11 @@ def started(config):
 def base_records(folder):
     """The records of every base model of a task's record folder, newest first: base.json and the
     base_<started>.json that it replaced."""
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    found = [read(os.path.join(folder, n)) for n in names if n == "base.json" or (n.startswith("base_") and n.endswith(".json"))]
-    return sorted((r for r in found if r and r.get("config") and r.get("metrics")), key=lambda r: started(r["config"]), reverse=True)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = [read(os.path.join(folder, n)) for n in names
+             if n == "base.json" or (n.startswith("base_") and n.endswith(".json"))]
+    found = [r for r in found if r and r.get("config") and r.get("metrics")]
+    return sorted(found, key=lambda r: started(r["config"]), reverse=True)
 
 
 def base_of(folder, config):
