@@ -206,7 +206,8 @@ TASK_RECIPES = {
     ("base_conversion", "discrete"): {"steps": 3000},
     ("base_conversion", "continuous"): {**CLUSTERED_MIXTURE, "steps": 3000},
     ("multidigit_addition", "discrete"): {"steps": 1800},
-    ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture"},
+    ("multidigit_addition", "continuous"): {"cluster_init": 16, "posterior_variance": 2.0, "router": "mixture",
+                                           "starts": 4},
     ("sorting_algorithms", "discrete"): {"steps": 2400},
     ("sorting_algorithms", "continuous"): {"cluster_init": 24, "reassign": 300, "steps": 2400, "router": "mixture"},
 }

@@ -7,8 +7,11 @@ resumed, so running it again costs only what is missing and rewrites the same fi
     python benchmark/run.py --tasks grid --latents discrete --seeds 0 1 2
     python benchmark/run.py --device cuda --jobs 8             # a GPU: every run at once
     python benchmark/run.py --report-only                      # only records and docs/results.md
+    python benchmark/run.py --latents continuous --seeds 0 --references gaussian   # beside the method's router
 
-Run folders: runs/benchmark/<task>/base and runs/benchmark/<task>/<latent>_seed<S>; logs in
+Run folders: runs/benchmark/<task>/base, runs/benchmark/<task>/<latent>_seed<S> and, for a
+reference (--references: the recipe with one setting of the method put back, REFERENCES),
+runs/benchmark/<task>/<latent>_<reference>_seed<S>; logs in
 runs/benchmark/logs/. Each job gets cores / jobs threads (or --threads). When a run finishes, its
 config.json and metrics.json are copied to benchmark/records/<task>/<run>.json, which is kept with
 the code: the report is written from the records, so a table can grow over sweeps on different
@@ -42,6 +45,9 @@ BASE_ARGS = {"grid": [], "linear": [], "add": ["--task-options", "n_digits=2"], 
              "sum": [], "base": []}
 DEFAULT_TASKS = ("grid", "linear", "add", "sort")
 DEFAULT_LATENTS, DEFAULT_SEEDS = ("discrete", "continuous"), (0, 1, 2)
+# a reference: the recipe of a latent with the method's own setting where the recipe departs from it,
+# run on the same base model and seeds to show what the departure buys
+REFERENCES = {"gaussian": ("continuous", {"router": "gaussian"})}  # the single Gaussian router p(z|x)
 TARGETS = {  # key -> (">=" or "<=", the bound that meets the target) (docs/metrics.md)
     "base": {"answer_accuracy": (">=", 0.99), "parse_rate": (">=", 0.995), "excess_nll": ("<=", 0.05),
              "strategy_tv": ("<=", 0.05)},
@@ -50,6 +56,17 @@ TARGETS = {  # key -> (">=" or "<=", the bound that meets the target) (docs/metr
     "continuous": {"sampled_z_probe_acc": (">=", 0.9), "posterior_mu_probe_acc": (">=", 0.95),
                    "router/answer_accuracy": (">=", 0.98), "lowest_centroid_control": (">=", 0.8)},
 }
+# shown beside the targets: the share of router draws that land on a cluster of the posterior
+DIAGNOSTICS = {"continuous": ["router_nearest_centroid_rate"]}
+
+
+def reference_settings(reference):
+    """The settings a reference puts back ({} for the recipe itself)."""
+    return REFERENCES[reference][1] if reference else {}
+
+
+def as_flags(settings):
+    return [flag for name, value in settings.items() for flag in (f"--{name.replace('_', '-')}", str(value))]
 
 
 def meets(values, key, target):
@@ -65,21 +82,24 @@ def meets_all(values, kind):
 NOT_RECIPE = {"task", "latent", "seed", "base", "out", "device", "resume", "precision", "machine"}
 
 
-def recipe_settings(task, latent):
-    """The resolved settings of `disentangle.py --task TASK --latent LATENT` with no other flag, less
-    those it does not read (Config.ignored)."""
+def recipe_settings(task, latent, reference=""):
+    """The resolved settings of `disentangle.py --task TASK --latent LATENT` with no other flag (and
+    a reference's flags), less those it does not read (Config.ignored)."""
     cfg = Stage2Config(task=task, latent=latent)
     apply_recipe(cfg, given=set())
+    for name, value in reference_settings(reference).items():
+        setattr(cfg, name, value)
     cfg.k = cfg.k or len(get_task(task).strategies)  # config.json has K resolved
     return {k: v for k, v in vars(cfg).items() if k not in NOT_RECIPE and k not in cfg.ignored()}
 
 
-def earlier_recipe(config, task, latent):
+def earlier_recipe(config, task, latent, reference=""):
     """The settings in which a stage-2 run's config differs from the current recipe (a setting
     added since the run counts as its default, which is what the code did before it existed), and
     "revision" where it ran on code that computed it differently (disentangle.REVISIONS)."""
     defaults = vars(Stage2Config())
-    differ = sorted(k for k, v in recipe_settings(task, latent).items() if config.get(k, defaults[k]) != v)
+    differ = sorted(k for k, v in recipe_settings(task, latent, reference).items()
+                    if config.get(k, defaults[k]) != v)
     return differ + (["revision"] if config.get("revision", 1) != REVISIONS[latent] else [])
 
 
@@ -99,10 +119,10 @@ def earlier_base_settings(config):
     return differ + (["task_revision"] if config.get("task_revision", 1) != get_task(config["task"]).revision else [])
 
 
-def current(config, task, latent):
+def current(config, task, latent, reference=""):
     if latent is None:
         return not earlier_base_settings(config)
-    return not earlier_recipe(config, task, latent)
+    return not earlier_recipe(config, task, latent, reference)
 
 
 def started(config):
@@ -131,8 +151,8 @@ def on_earlier_base(folder, config):
     return base is not None and not current(base["config"], base["config"]["task"], None)
 
 
-def run_name(latent=None, seed=None):
-    return "base" if latent is None else f"{latent}_seed{seed}"
+def run_name(latent=None, seed=None, reference=""):
+    return "base" if latent is None else f"{latent}{'_' + reference if reference else ''}_seed{seed}"
 
 
 class Job(NamedTuple):
@@ -143,6 +163,7 @@ class Job(NamedTuple):
     needs: str  # the base folder a stage-2 run needs (None for a base)
     task: str
     latent: str  # None for a base
+    reference: str = ""  # a key of REFERENCES, or "" for the recipe
 
 
 def jobs_for(args):
@@ -153,14 +174,17 @@ def jobs_for(args):
         base = os.path.join(args.runs, name, "base")
         jobs.append(Job(f"{task}-base", base, os.path.join(args.records, name, "base.json"),
                         ["train_base.py", "--task", task, "--out", base, *BASE_ARGS[task]], None, task, None))
-        for latent in args.latents:
+        variants = [(latent, "") for latent in args.latents]
+        variants += [(REFERENCES[ref][0], ref) for ref in args.references if REFERENCES[ref][0] in args.latents]
+        for latent, reference in variants:
+            flags = as_flags(reference_settings(reference))
             for seed in args.seeds:
-                run = run_name(latent, seed)
+                run = run_name(latent, seed, reference)
                 out = os.path.join(args.runs, name, run)
-                command = ["disentangle.py", "--task", task, "--latent", latent, "--seed", str(seed),
+                command = ["disentangle.py", "--task", task, "--latent", latent, *flags, "--seed", str(seed),
                            "--base", base, "--out", out]
-                jobs.append(Job(f"{task}-{latent}-seed{seed}", out, os.path.join(args.records, name, f"{run}.json"),
-                                command, base, task, latent))
+                jobs.append(Job(f"{task}-{run.replace('_', '-')}", out, os.path.join(args.records, name, f"{run}.json"),
+                                command, base, task, latent, reference))
     return jobs
 
 
@@ -168,11 +192,11 @@ def finished(folder):
     return os.path.exists(os.path.join(folder, "metrics.json"))
 
 
-def recorded(record, task, latent):
+def recorded(record, task, latent, reference=""):
     """A record that exists and was run with the current settings (base) or recipe (stage 2) and, for
     stage 2, on the recorded base model."""
     config = (read(record) or {}).get("config")
-    if config is None or not current(config, task, latent):
+    if config is None or not current(config, task, latent, reference):
         return False
     return latent is None or not on_earlier_base(os.path.dirname(record), config)
 
@@ -185,7 +209,7 @@ def why_earlier(job):
     if job.latent is None:
         earlier = earlier_base_settings(config)
         return f"settings {', '.join(earlier)} of an earlier train_base.py" if earlier else ""
-    earlier = earlier_recipe(config, job.task, job.latent)
+    earlier = earlier_recipe(config, job.task, job.latent, job.reference)
     if earlier:
         return f"settings {', '.join(earlier)} from an earlier recipe"
     return "an earlier base model" if on_earlier_base(os.path.dirname(job.record), config) else ""
@@ -235,7 +259,7 @@ def pending_jobs(args):
     """The runs without a record of the current recipe, and the bases they need whose checkpoint is gone."""
     sync_records(args)
     jobs = jobs_for(args)
-    missing = [j for j in jobs if not recorded(j.record, j.task, j.latent)]
+    missing = [j for j in jobs if not recorded(j.record, j.task, j.latent, j.reference)]
     needed = {j.needs for j in missing if j.needs is not None}
     gone = lambda j: not os.path.exists(os.path.join(j.folder, "ckpt.pt"))
     return [j for j in jobs if j in missing or (j.folder in needed and gone(j))]
@@ -254,7 +278,7 @@ def run_jobs(args):
     threads = str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     while pending or running:
         for job in list(pending):
-            name, folder, record, command, needs, task, latent = job
+            name, folder, record, command, needs = job[:5]
             if len(running) >= args.jobs:
                 break
             if needs in failed:
@@ -370,7 +394,7 @@ def base_table(records, tasks):
 def seed_table(found, latent, folder):
     """The rows of one table of stage-2 runs, [(seed, config, values)], with min, mean and max;
     folder: the task's records, for the base model each run read."""
-    keys = list(TARGETS[latent])
+    keys = list(TARGETS[latent]) + DIAGNOSTICS.get(latent, [])
     rows = ["| seed | command | steps | inputs | wall-clock | machine | started | base model started | "
             + " | ".join(keys) + " | meets all |", "|---" * (9 + len(keys)) + "|"]
     for seed, config, values in found:
@@ -379,50 +403,57 @@ def seed_table(found, latent, folder):
         meets = meets_all(values, latent)
         rows.append(f"| {seed} | `{command(config, 'disentangle.py')}` | {config['steps']} | "
                     f"{values.get('eval_inputs', '?')} | {values['train_seconds']:.0f} s | {where} | {when} | {base} | "
-                    + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
+                    + " | ".join(fmt(values.get(k, "-")) for k in keys) + f" | {'yes' if meets else 'no'} |")
     n_meet = sum(meets_all(v, latent) for _, _, v in found)
     for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
-        cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
+        cells = " | ".join(fmt(agg([v[k] for _, _, v in found if k in v]) if any(k in v for _, _, v in found) else "-")
+                           for k in keys)
         meets = f"{n_meet} of {len(found)}" if label == "min" else ""
         rows.append(f"| **{label}** | | | | | | | | {cells} | {meets} |")
     return rows + [""]
 
 
-def stage2_table(records, tasks, latent, seeds):
-    """Per task: the runs of the current recipe, then those recorded with an earlier one, apart."""
+def stage2_table(records, tasks, latent, seeds, reference=""):
+    """Per task: the runs of the current recipe (or reference), then those recorded with an earlier
+    one, apart."""
     rows = []
     for task in tasks:
         found, earlier, on_earlier = [], [], []
         folder = os.path.join(records, get_task(task).name)
         for seed in seeds:
-            config, metrics = read_record(records, task, run_name(latent, seed))
+            config, metrics = read_record(records, task, run_name(latent, seed, reference))
             if config and metrics:
-                if current(config, task, latent):
+                if current(config, task, latent, reference):
                     found.append((seed, config, stage2_values(metrics, latent)))
                     on_earlier += [seed] if on_earlier_base(folder, config) else []
                 else:
                     earlier.append((seed, config, stage2_values(metrics, latent)))
         if not found and not earlier:
             continue
-        name, again = get_task(task).name, f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}`"
+        name, flag = get_task(task).name, f" --references {reference}" if reference else ""
+        again = f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}{flag}`"
         seeds_text = lambda s: f"Seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}"
-        rows += [f"### {name}, {latent}", ""]
+        rows += [f"### {name}, {latent}" + (f", reference `{reference}`" if reference else ""), ""]
+        if reference:
+            put_back = " ".join(as_flags(reference_settings(reference)))
+            rows += [f"The recipe with `{put_back}`, the method's own setting where the recipe departs from it, "
+                     "on the same seeds.", ""]
         if found:
             rows += [f"Recipe as resolved: `{settings(found[0][1])}`.", ""] + seed_table(found, latent, folder)
         if on_earlier:
             rows += [f"{seeds_text(on_earlier)} ran on a base model of earlier settings or an earlier task "
                      f"revision; {again} runs them again on the newest one.", ""]
         if earlier:
-            differ = sorted({k for _, config, _ in earlier for k in earlier_recipe(config, task, latent)})
+            differ = sorted({k for _, config, _ in earlier for k in earlier_recipe(config, task, latent, reference)})
             rows += [f"{seeds_text([seed for seed, _, _ in earlier])}, recorded with an earlier recipe or code (it "
                      f"differs in {', '.join(differ)}; {again} runs them again): `{settings(earlier[0][1])}`.", ""]
             rows += seed_table(earlier, latent, folder)
     return rows
 
 
-def recorded_seeds(records, task, latent):
+def recorded_seeds(records, task, latent, reference=""):
     folder = os.path.join(records, get_task(task).name)
-    prefix = f"{latent}_seed"
+    prefix = run_name(latent, "", reference)
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return sorted(int(n[len(prefix):-5]) for n in names if n.startswith(prefix) and n.endswith(".json"))
 
@@ -436,12 +467,15 @@ def write_report(args):
              "machine and start) and metrics.json (the final evaluation and the wall-clock). Targets: "
              + "; ".join(f"{kind}: " + ", ".join(f"{k} {op} {v}" for k, (op, v) in t.items())
                          for kind, t in TARGETS.items())
-             + ".", "", "## Base models", ""]
+             + ".", "A reference (`--references`) is the recipe with the method's own setting put back where the",
+             "recipe departs from it, run on the same base models and seeds.", "", "## Base models", ""]
     lines += base_table(args.records, tasks) + [""]
     for latent in DEFAULT_LATENTS:
         lines += [f"## Stage 2, {latent} latent", ""]
+        references = [""] + [ref for ref, (of, _) in REFERENCES.items() if of == latent]
         for task in tasks:
-            lines += stage2_table(args.records, [task], latent, recorded_seeds(args.records, task, latent))
+            for ref in references:
+                lines += stage2_table(args.records, [task], latent, recorded_seeds(args.records, task, latent, ref), ref)
     with open(args.report, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.report}")
@@ -452,6 +486,8 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(BASE_ARGS))
     parser.add_argument("--latents", nargs="+", default=list(DEFAULT_LATENTS), choices=list(DEFAULT_LATENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--references", nargs="*", default=[], choices=list(REFERENCES),
+                        help="also run these references of the recipe on the same seeds (REFERENCES)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (2 on a 2-core CPU; a GPU takes many)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads per run (0: cores / jobs; 1 beside another sweep on a 2-core CPU)")

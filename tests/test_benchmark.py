@@ -10,7 +10,7 @@ def args_for(tmp_path):
     """What `benchmark/run.py --tasks grid --latents discrete --seeds 0 1` parses, in tmp_path."""
     return benchmark.argparse.Namespace(runs=str(tmp_path / "runs"), records=str(tmp_path / "records"),
                                         report=str(tmp_path / "results.md"), tasks=["grid"], latents=["discrete"],
-                                        seeds=[0, 1], jobs=2, device="auto", report_only=True)
+                                        seeds=[0, 1], references=[], jobs=2, device="auto", report_only=True)
 
 
 def finish(folder, config, metrics, ckpt=True):
@@ -161,3 +161,33 @@ def test_a_task_of_a_later_revision_trains_its_base_again(tmp_path, monkeypatch)
     assert benchmark.pending_jobs(args) == []
     monkeypatch.setattr(benchmark.get_task("grid").__class__, "revision", 2)  # grid writes something new
     assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed0", "grid-discrete-seed1"]
+
+
+def continuous(seed, sampled_z, reference=""):
+    return ({**benchmark.recipe_settings("grid", "continuous", reference), "task": "grid", "latent": "continuous",
+             "seed": seed, "revision": benchmark.REVISIONS["continuous"]},
+            {"sampled_z_probe_acc": sampled_z, "posterior_mu_probe_acc": 1.0, "router/answer_accuracy": 0.99,
+             "centroid_control": {"a": 0.9, "b": 1.0}, "router_nearest_centroid_rate": sampled_z,
+             "eval_inputs": 500, "train_seconds": 600.0})
+
+
+def test_a_reference_runs_the_recipe_with_the_methods_setting_and_is_reported_beside_it(tmp_path):
+    args = args_for(tmp_path)
+    args.latents, args.references, args.seeds = ["continuous"], ["gaussian"], [0]
+    finish(os.path.join(args.runs, "grid_pathfinding", "base"), *BASE)
+    jobs = {j.name: j for j in benchmark.pending_jobs(args)}
+    assert list(jobs) == ["grid-continuous-seed0", "grid-continuous-gaussian-seed0"]
+    assert "--router gaussian" in " ".join(jobs["grid-continuous-gaussian-seed0"].command)
+    assert "--router" not in jobs["grid-continuous-seed0"].command
+    reference = os.path.join(args.runs, "grid_pathfinding", "continuous_gaussian_seed0")
+    finish(reference, *continuous(0, 0.95))  # the mixture router in the reference's folder: not the reference
+    assert [j.name for j in benchmark.pending_jobs(args)] == list(jobs)
+    assert benchmark.why_earlier(jobs["grid-continuous-gaussian-seed0"]) == "settings router from an earlier recipe"
+    finish(reference, *continuous(0, 0.8, "gaussian"))
+    finish(os.path.join(args.runs, "grid_pathfinding", "continuous_seed0"), *continuous(0, 0.95))
+    assert benchmark.pending_jobs(args) == []
+    benchmark.write_report(args)
+    recipe, gaussian = open(args.report).read().split("### grid_pathfinding, continuous, reference `gaussian`")
+    assert "| **min** | | | | | | | | 0.950 | 1.000 | 0.990 | 0.900 | 0.950 | 1 of 1 |" in recipe
+    assert "`--router gaussian`" in gaussian
+    assert "| **min** | | | | | | | | 0.800 | 1.000 | 0.990 | 0.900 | 0.800 | 0 of 1 |" in gaussian
