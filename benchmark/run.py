@@ -403,11 +403,10 @@ def seed_table(found, latent, folder):
         meets = meets_all(values, latent)
         rows.append(f"| {seed} | `{command(config, 'disentangle.py')}` | {config['steps']} | "
                     f"{values.get('eval_inputs', '?')} | {values['train_seconds']:.0f} s | {where} | {when} | {base} | "
-                    + " | ".join(fmt(values.get(k, "-")) for k in keys) + f" | {'yes' if meets else 'no'} |")
+                    + " | ".join(fmt(values[k]) for k in keys) + f" | {'yes' if meets else 'no'} |")
     n_meet = sum(meets_all(v, latent) for _, _, v in found)
     for label, agg in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
-        cells = " | ".join(fmt(agg([v[k] for _, _, v in found if k in v]) if any(k in v for _, _, v in found) else "-")
-                           for k in keys)
+        cells = " | ".join(fmt(agg([v[k] for _, _, v in found])) for k in keys)
         meets = f"{n_meet} of {len(found)}" if label == "min" else ""
         rows.append(f"| **{label}** | | | | | | | | {cells} | {meets} |")
     return rows + [""]
