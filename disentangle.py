@@ -36,7 +36,9 @@ them highest (reassign_clusters); --starts N trains N starts to --start-steps an
 the one whose partition of 512 pairs among the latents (score_start) the most other
 starts reached, and among those the one whose hard-EM objective under the posterior,
 max_k [log p_psi(y|x,k) + log q(k|x,y)], is highest (choose_start, score_start;
-continuous: k runs over the posterior's clusters), all without labels.
+continuous: k runs over the posterior's clusters), all without labels. The k-means start and the
+refits read the frozen base model's features; --posterior-thaw trains the posterior backbone with
+the rest once the refits end (refits_end), where q needs more than those features tell it.
 With --hard-em (classification EM, the discrete recipe) each pair trains only the generator of
 k* = argmax_k log p_psi(y|x,k) (hard_assignment), and q is refitted to that assignment. With
 --traces-per-input G each batch holds G distinct traces of each input, and the assignment is the
@@ -116,6 +118,7 @@ class Config:
     posterior_variance: float = arg(0.0, "continuous: weight of the mean posterior variance")
     cluster_init: int = arg(0, "k-means start of the posterior along this many trace_contrast directions; "
                               "freezes its backbone")
+    posterior_thaw: bool = arg(False, "with --cluster-init: the posterior backbone trains once the refits end")
     cluster_hold: int = arg(100, "with --cluster-init: steps the posterior head stays on the clusters")
     reassign: int = arg(0, "with --cluster-init: every N steps of the first half (--hard-em: of the run), "
                            "a hard-EM reassignment (0: off)")
@@ -139,8 +142,8 @@ class Config:
                  "continuous": ("k", "posterior_entropy", "router_support", "jsd", "jsd_prefix", "hard_em",
                                 "traces_per_input", "posterior_vote")}[self.latent]
         ignored = {name: f"--latent {self.latent}" for name in other}
-        ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign", "posterior_vote")
-                        if not self.cluster_init})
+        ignored.update({name: "--cluster-init 0" for name in ("cluster_hold", "reassign", "posterior_vote",
+                                                              "posterior_thaw") if not self.cluster_init})
         ignored.update({"start_steps": "--starts 1"} if self.starts == 1 else {})
         ignored.update({"jsd_prefix": "--jsd 0"} if not self.jsd else {})
         ignored.update({name: "--no-hard-em" for name in ("traces_per_input", "posterior_vote")
@@ -202,7 +205,7 @@ CLUSTERED_MIXTURE = {"cluster_init": 16, "reassign": 300, "router": "mixture", "
 TASK_RECIPES = {
     ("grid_pathfinding", "continuous"): CLUSTERED_MIXTURE,
     ("linear_equation_solving", "continuous"): {"cluster_init": 16, "router": "mixture"},
-    ("list_summation", "continuous"): CLUSTERED_MIXTURE,
+    ("list_summation", "continuous"): {**CLUSTERED_MIXTURE, "posterior_thaw": True, "steps": 2400},
     ("base_conversion", "discrete"): {"steps": 3000},
     ("base_conversion", "continuous"): {**CLUSTERED_MIXTURE, "steps": 3000},
     ("multidigit_addition", "discrete"): {"steps": 1800},
@@ -551,7 +554,7 @@ def objective(fact, base, batch, cfg, posterior_votes=False):
     posterior_votes: the hard-EM E-step adds log q(k|x,y) (--posterior-vote)."""
     stats, mask = base_token_stats(base, batch), batch["base_mask"].float()
     weights, jsd_weights = token_weights(mask, stats.entropy_share, cfg.token_weighted)
-    posterior_states = stats.states if cfg.cluster_init else None  # a frozen posterior backbone is the base
+    posterior_states = stats.states if posterior_frozen(fact) else None  # a frozen posterior backbone is the base
     aux = {}
     if cfg.latent == "discrete":
         def e_step(token_logp, posterior_logq):  # classification EM: (B, K) one-hot
@@ -890,6 +893,28 @@ def build_factorization(cfg, task, base_dir, base_ckpt, device):
     return fact
 
 
+def posterior_frozen(fact):
+    """Whether the posterior backbone is the base model's, untrained (--cluster-init, until --posterior-thaw)."""
+    return not next(fact.posterior.parameters()).requires_grad
+
+
+def refits_end(cfg):
+    """The last step of a --reassign refit: half way, or under hard EM, whose generators learn their
+    own assignment, which q's refits can follow, the end of the run."""
+    return cfg.steps if cfg.hard_em else cfg.steps // 2
+
+
+def build_optimizer(fact, cfg):
+    """AdamW over what trains (model.configure_optimizer). A posterior backbone that --posterior-thaw
+    trains later is in it from the start: AdamW passes over a weight without a gradient, and the
+    optimizer's state keeps one layout, which a resumed run loads before or after the thaw."""
+    frozen = posterior_frozen(fact)
+    fact.posterior.requires_grad_(cfg.posterior_thaw or not frozen)
+    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    fact.posterior.requires_grad_(not frozen)
+    return optimizer
+
+
 def train_step(fact, base, task, optimizer, cfg, step, device, hold_posterior):
     """One gradient step on batch `step`; returns its Objective."""
     batch = make_batch(task, training_pairs(task, base, cfg, step, device), fact.K, device)
@@ -910,11 +935,13 @@ def train_step(fact, base, task, optimizer, cfg, step, device, hold_posterior):
 def train_steps(fact, base, task, optimizer, cfg, device, first, last, log, after_step=lambda done: None):
     """Gradient steps first .. last-1 and the reassignments among them; log(record) takes each log line."""
     for step in tqdm(range(first, last), initial=first, total=last, desc=f"{cfg.latent} {task.alias}", disable=None):
+        if cfg.posterior_thaw and step >= refits_end(cfg) and posterior_frozen(fact):
+            # the refits read the base model's features; the ELBO can now sharpen q's own
+            fact.posterior.requires_grad_(True)
+            tqdm.write(f"step {step}: the posterior backbone trains from here")
         obj = train_step(fact, base, task, optimizer, cfg, step, device, cfg.cluster_init and step < cfg.cluster_hold)
         done = step + 1
-        # under hard EM the generators learn their own assignment, which q's refits can follow to the end
-        refit_until = cfg.steps if cfg.hard_em else cfg.steps // 2
-        if cfg.reassign and done % cfg.reassign == 0 and done <= refit_until:
+        if cfg.reassign and done % cfg.reassign == 0 and done <= refits_end(cfg):
             moved = reassign_clusters(fact, base, task, cfg, done)
             tqdm.write(f"step {done}: {moved:.1%} of pairs moved to the cluster the generator rates highest")
             log({"step": done, "reassign/moved": moved})
@@ -1007,7 +1034,7 @@ def train_start(cfg, base, task, base_dir, base_ckpt, device, start):
     start_cfg = replace(cfg, seed=start_seed(cfg.seed, start))
     seed_everything(start_cfg.seed)
     fact = build_factorization(start_cfg, task, base_dir, base_ckpt, device)
-    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(fact, cfg)
     init = start_at_base(fact, base, task, start_cfg, device)
     start_cfg, records = replace(start_cfg, posterior_vote=init.posterior_vote), init.records
     fact.train()
@@ -1023,7 +1050,7 @@ def restore_start(state, cfg, task, base_dir, base_ckpt, device, start):
     """A Start from its checkpointed state (Start.state)."""
     fact = build_factorization(replace(cfg, seed=start_seed(cfg.seed, start)), task, base_dir, base_ckpt, device)
     fact.load_state_dict(state["model"])
-    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(fact, cfg)
     optimizer.load_state_dict(state["optimizer"])
     return Start(fact, optimizer, state["records"], state["torch_rng"], state["posterior_vote"],
                  state["hard_em_objective"], state["assignment"])
@@ -1066,7 +1093,7 @@ def main(argv=None):
     ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.jsonl")
     seed_everything(cfg.seed)
     fact = build_factorization(cfg, task, base_dir, base_ckpt, device)
-    optimizer = configure_optimizer(fact, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(fact, cfg)
     ckpt = open_run(out, cfg.resume, fact, optimizer, asdict(cfg), VOCAB, task.name,
                     {**asdict(cfg), "k": fact.K, "base": base_dir, "revision": REVISIONS[cfg.latent],
                      "machine": machine_info(device)})

@@ -621,7 +621,9 @@ def test_no_flag_config_is_the_recipe():
     grid = resolved(["--latent", "continuous"])
     assert (grid.router_marginal_kl, grid.jsd, grid.cluster_init, grid.reassign, grid.router, grid.data, grid.starts) == \
         (1.0, 0.0, 16, 300, "mixture", "dgp", 4)
-    assert replace(resolved(["--task", "sum", "--latent", "continuous"]), task="grid") == grid  # grid's recipe
+    sum_ = resolved(["--task", "sum", "--latent", "continuous"])
+    assert replace(sum_, task="grid", posterior_thaw=False, steps=1200) == grid  # grid's, and q trains late
+    assert (sum_.posterior_thaw, sum_.steps) == (True, 2400)
     assert replace(resolved(["--task", "base", "--latent", "continuous"]), task="grid", steps=1200) == grid
 
 
@@ -720,6 +722,34 @@ def test_resume_after_a_kill_is_exact_and_the_log_has_no_duplicate(tiny_base, tm
     log = read_log(moved / "log.jsonl")
     assert log == read_log(straight / "log.jsonl")  # every line once, in order, as if never stopped
     assert not list(moved.glob("*.tmp.*"))
+
+
+def test_the_thawed_posterior_backbone_trains_only_after_the_refits_and_resumes_exactly(tiny_base, tmp_path,
+                                                                                       monkeypatch):
+    args = lambda out, *extra: tiny_args(tiny_base, out, "continuous", "--eval-interval", "1", *extra)
+    frozen_at, train_step = [], D.train_step  # (step, frozen) as each step begins
+
+    def recording(*a):
+        frozen_at.append((a[5], D.posterior_frozen(a[0])))
+        return train_step(*a)
+
+    monkeypatch.setattr(D, "train_step", recording)
+    assert D.main(args(tmp_path / "frozen")) == 0
+    assert D.main(args(tmp_path / "thawed", "--posterior-thaw")) == 0
+    monkeypatch.setattr(D, "train_step", train_step)
+    # 4 steps, refits at step 2 (--reassign 2): the backbone trains in steps 2 and 3 only
+    assert frozen_at == [(s, True) for s in range(4)] + [(0, True), (1, True), (2, False), (3, False)]
+    backbone = lambda run: {k: v for k, v in torch.load(run / "ckpt.pt", weights_only=True)["model"].items()
+                            if k.startswith("posterior.")}
+    base = {"posterior." + k: v for k, v in torch.load(tiny_base / "ckpt.pt", weights_only=True)["model"].items()}
+    assert all(torch.equal(v, base[k]) for k, v in backbone(tmp_path / "frozen").items())
+    assert not all(torch.equal(v, base[k]) for k, v in backbone(tmp_path / "thawed").items())
+    stopped = tmp_path / "stopped"
+    run_killed_at_step_3(monkeypatch, args(stopped, "--posterior-thaw"))  # its last checkpoint: after the thaw
+    assert D.main(args(stopped, "--posterior-thaw", "--resume")) == 0
+    assert read_log(stopped / "log.jsonl") == read_log(tmp_path / "thawed" / "log.jsonl")
+    with pytest.raises(ValueError, match="no effect with --cluster-init 0"):
+        D.Config(posterior_thaw=True).validate({"posterior_thaw"}, 3)
 
 
 def test_assignment_agreement_is_one_for_the_same_partition_under_other_names():
