@@ -20,6 +20,9 @@ def finish(folder, config, metrics, ckpt=True):
             json.dump(record, f)
     if ckpt:
         open(os.path.join(folder, "ckpt.pt"), "w").close()
+    if "latent" not in config and not os.path.exists(os.path.join(folder, "log.jsonl")):  # a base: its last evaluation
+        with open(os.path.join(folder, "log.jsonl"), "w") as f:
+            f.write(json.dumps({"step": config["steps"], **metrics}) + "\n")
 
 
 def at(config, started):
@@ -27,7 +30,8 @@ def at(config, started):
     return {**config, "machine": {"name": "cpu", "threads": 1, "started": started, "command": "python ..."}}
 
 
-BASE = ({**vars(benchmark.BaseConfig()), "task": "grid", "steps": 2500},
+BASE = ({**vars(benchmark.BaseConfig()), "task": "grid", "steps": 3500,
+         "task_revision": benchmark.get_task("grid").revision},
         {"answer_accuracy": 0.99, "parse_rate": 1.0, "strategy_tv": 0.02, "strategy_tv_per_input": 0.03,
          "excess_nll": 0.01, "train_seconds": 480.0})
 
@@ -52,6 +56,22 @@ def test_finished_runs_become_records_and_the_report_is_rewritten_the_same(tmp_p
     assert "| **mean** | | | | | | | | 0.900 |" in first
     benchmark.write_report(args)
     assert open(args.report).read() == first
+
+
+def test_a_base_record_names_where_its_curve_first_met_all_four_targets(tmp_path):
+    args = args_for(tmp_path)
+    folder = os.path.join(args.runs, "grid_pathfinding", "base")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        for step, acc in ((500, 0.95), (1000, 0.992), (1500, 0.985), (2500, 0.99)):
+            f.write(json.dumps({**BASE[1], "step": step, "train_tokens": step * 4000, "train_seconds": step * 0.2,
+                                "answer_accuracy": acc}) + "\n")
+    finish(folder, *BASE)
+    record = os.path.join(args.records, "grid_pathfinding", "base.json")
+    benchmark.save_record(folder, record)
+    assert benchmark.read(record)["first_met"] == {"step": 1000, "train_tokens": 4_000_000, "train_seconds": 200.0}
+    benchmark.write_report(args)
+    assert "| step 1000, 4.0M tokens, 3 min | yes |" in open(args.report).read()
 
 
 def test_a_base_whose_folder_is_gone_is_trained_again_only_for_a_missing_stage2_run(tmp_path):
@@ -104,10 +124,10 @@ def test_tokens_to_target_names_the_first_evaluation_that_meets_each_target(tmp_
             f.write(json.dumps({"step": step + 50, "loss/y": 0.1}) + "\n")  # training lines are skipped
     assert tokens_to_target.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "first meets answer_accuracy: step 1000, 2.00M tokens" in out
-    assert "first meets parse_rate: step 500, 1.00M tokens" in out
-    assert "first meets strategy_tv: step 1500, 3.00M tokens" in out
-    assert "first meets all four: step 1500, 3.00M tokens" in out
+    assert "first meets answer_accuracy: step 1000, 2.0M tokens" in out
+    assert "first meets parse_rate: step 500, 1.0M tokens" in out
+    assert "first meets strategy_tv: step 1500, 3.0M tokens" in out
+    assert "first meets all four: step 1500, 3.0M tokens" in out
 
 
 def test_a_base_of_earlier_settings_and_the_runs_on_an_earlier_base_run_again(tmp_path):
@@ -159,7 +179,8 @@ def test_a_task_of_a_later_revision_trains_its_base_again(tmp_path, monkeypatch)
     finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"), *stage2(0, 1.0))
     finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed1"), *stage2(1, 1.0))
     assert benchmark.pending_jobs(args) == []
-    monkeypatch.setattr(benchmark.get_task("grid").__class__, "revision", 2)  # grid writes something new
+    grid = benchmark.get_task("grid").__class__
+    monkeypatch.setattr(grid, "revision", grid.revision + 1)  # grid writes something new
     assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-base", "grid-discrete-seed0", "grid-discrete-seed1"]
 
 

@@ -45,6 +45,9 @@ def test_short_run_lowers_loss_and_beats_chance(tmp_path):
     model = model_from_checkpoint(load_checkpoint(str(tmp_path / "ckpt.pt"), vocab=VOCAB)).eval()
     assert y_token_accuracy(model, get_task("grid")) > 5 / len(VOCAB)  # chance is 1/V
     assert {"answer_accuracy", "strategy_tv", "excess_nll", "probe_first_position_95"} <= set(log[-1])
+    seconds = [r["train_seconds"] for r in log if "answer_accuracy" in r]  # minutes-to-target reads these
+    assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]
+    assert json.load(open(tmp_path / "metrics.json"))["train_seconds"] == seconds[1]
     probes = __import__("numpy").load(tmp_path / "probes.npz")
     assert list(probes["steps"]) == [0, 60]
 
