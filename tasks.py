@@ -405,6 +405,7 @@ class GridPathfinding(Task):
     feature(x) = (start row + start col) mod 3."""
     name, alias = "grid_pathfinding", "grid"
     strategies = ("right-first", "down-first", "alternating")
+    revision = 2  # 2: every input equally likely (1 drew the start first, making long paths rare)
 
     def __init__(self, mixture="uniform", size=8, min_steps=2):
         super().__init__(mixture)
@@ -412,8 +413,6 @@ class GridPathfinding(Task):
             raise ValueError(f"grid needs size <= 10 and 1 <= min_steps < size, got {size}, {min_steps}")
         self.size = size  # rows and columns are 0..size-1 (single digits)
         self.min_steps = min_steps  # at least this many moves down and right (2: all traces differ)
-
-    revision = 2  # 2: every input equally likely (1 drew the start first, making long paths rare)
 
     def sample_input(self, rng):
         (r0, r1), (c0, c1) = self.sample_span(rng), self.sample_span(rng)

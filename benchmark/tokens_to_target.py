@@ -6,7 +6,6 @@ is met. A change to stage 1 is judged by how many tokens it needs, not by one en
     python benchmark/tokens_to_target.py runs/grid_pathfinding/base runs/benchmark/grid_pathfinding/base
 """
 
-import json
 import os
 import sys
 

@@ -1,5 +1,6 @@
 """tasks.py: traces are real executions with the right answers, validation and likelihood are exact."""
 
+import collections
 import math
 import random
 from fractions import Fraction
@@ -117,6 +118,14 @@ def test_worked_example_grid():
     task = get_task("grid")
     assert " ".join(task.trace((1, 2, 3, 4), "alternating")) == "R 1 3 ; D 2 3 ; R 2 4 ; D 3 4 ; ans R D R D"
     assert task.parse_answer(task.trace((1, 2, 3, 4), "down-first")) == ["D", "D", "R", "R"]
+
+
+def test_grid_draws_every_input_equally_often():
+    """The longest path, (0,0) to (7,7), is as frequent as the shortest ones (1/441 each)."""
+    task, rng = get_task("grid"), random.Random(0)
+    counts = collections.Counter(task.sample_input(rng) for _ in range(44_100))
+    assert len(counts) == 441  # every start and goal at least min_steps apart on both axes
+    assert 60 < counts[(0, 0, 7, 7)] < 140 and 60 < counts[(5, 5, 7, 7)] < 140  # 100 expected
 
 
 def test_worked_example_sum_numbers_have_one_width():
