@@ -635,9 +635,12 @@ def kmeans(points, K, generator):
     of the run with the least within-cluster sum of squares."""
     best, best_inertia = None, float("inf")
     for _ in range(KMEANS_RESTARTS):
-        centroids = points[torch.randperm(len(points), generator=generator)[:K]]  # (K, m)
+        centroids, assign = points[torch.randperm(len(points), generator=generator)[:K]], None  # (K, m)
         for _ in range(KMEANS_ITERS):
-            centroids = cluster_means(points, torch.cdist(points, centroids).argmin(1), centroids)
+            moved = torch.cdist(points, centroids).argmin(1)  # (N,)
+            if assign is not None and torch.equal(moved, assign):
+                break  # a fixed point: no later iteration moves a centroid
+            centroids, assign = cluster_means(points, moved, centroids), moved
         inertia = torch.cdist(points, centroids).min(1).values.pow(2).sum().item()
         if inertia < best_inertia:
             best, best_inertia = centroids, inertia

@@ -8,6 +8,7 @@ resumed, so running it again costs only what is missing and rewrites the same fi
     python benchmark/run.py --device cuda --jobs 8             # a GPU: every run at once
     python benchmark/run.py --report-only                      # only records and docs/results.md
     python benchmark/run.py --latents continuous --seeds 0 --references gaussian   # beside the method's router
+    python benchmark/run.py --stage1 --tasks sum sort grid linear base add    # stage 1 with its defaults
 
 Run folders: runs/benchmark/<task>/base, runs/benchmark/<task>/<latent>_seed<S> and, for a
 reference (--references: the recipe with one setting of the method put back, REFERENCES),
@@ -23,6 +24,10 @@ again, the earlier folder kept as <run>.earlier-N, and until then the report sho
 apart. A base model trained again with the same settings (its folder gone, or on another machine)
 replaces base.json; the record it replaces is kept as base_<started>.json, and the stage-2 records
 that ran on it still count, each table row naming the base it ran on.
+
+--stage1 runs `train_base.py --task T --mixture M` with no other flag for each task and mixture
+(--mixtures) in runs/benchmark/<task>/stage1_<mixture>, unless a record of that command with the
+current defaults exists: a base model of stage 2 trained with none but --out is one.
 """
 
 import argparse
@@ -38,13 +43,14 @@ sys.path.insert(0, ROOT)
 from disentangle import REVISIONS, Config as Stage2Config, apply_recipe  # noqa: E402
 from model import write_json  # noqa: E402
 from tasks import get_task  # noqa: E402
-from train_base import Config as BaseConfig  # noqa: E402
+from train_base import TASK_STEPS, Config as BaseConfig  # noqa: E402
 
 # the base model each task's stage 2 starts from (2-digit addition: the recipe's base, which meets
 # the targets in 8,000 steps; TASK_STEPS is for the default 3 digits)
 BASE_ARGS = {"grid": [], "linear": [], "add": ["--task-options", "n_digits=2", "--steps", "8000"], "sort": [],
              "sum": [], "base": []}
 DEFAULT_TASKS = ("grid", "linear", "add", "sort")
+MIXTURES = ("uniform", "input-dependent")  # p*(s|x) of the stage-1 runs of --stage1
 DEFAULT_LATENTS, DEFAULT_SEEDS = ("discrete", "continuous"), (0, 1, 2)
 # a reference: the recipe of a latent with the method's own setting where the recipe departs from it,
 # run on the same base model and seeds to show what the departure buys
@@ -144,6 +150,13 @@ def earlier_base_settings(config):
     return differ + (["task_revision"] if config.get("task_revision", 1) != get_task(config["task"]).revision else [])
 
 
+def stage1_default(config):
+    """Whether a base run is `python train_base.py --task T --mixture M` with no other flag: train_base.py's
+    defaults, the task's default options and TASK_STEPS, and its task's current revision."""
+    return (not earlier_base_settings({**config, "mixture": "uniform"}) and not config.get("task_options")
+            and config["steps"] == TASK_STEPS[get_task(config["task"]).name])
+
+
 def current(config, task, latent, reference=""):
     if latent is None:
         return not earlier_base_settings(config)
@@ -154,13 +167,27 @@ def started(config):
     return (config or {}).get("machine", {}).get("started", "")
 
 
-def base_records(folder):
-    """The records of every base model of a task's record folder, newest first: base.json and the
-    base_<started>.json that it replaced."""
+def records_named(folder, stem):
+    """The records <stem>.json and <stem>_<started>.json (those it replaced) of a task's record
+    folder, newest first."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
     found = [read(os.path.join(folder, n)) for n in names
-             if n == "base.json" or (n.startswith("base_") and n.endswith(".json"))]
+             if n == f"{stem}.json" or (n.startswith(f"{stem}_") and n.endswith(".json"))]
     found = [r for r in found if r and r.get("config") and r.get("metrics")]
+    return sorted(found, key=lambda r: started(r["config"]), reverse=True)
+
+
+def base_records(folder):
+    """The records of every base model of stage 2 in a task's record folder, newest first."""
+    return records_named(folder, "base")
+
+
+def stage1_records(folder, mixture):
+    """The records of a task's stage-1 runs with their defaults and this mixture, newest first: a
+    base model of stage 2 is one where it ran with none but --out (the stage1_<mixture> records
+    are those of --stage1)."""
+    found = base_records(folder) + records_named(folder, f"stage1_{mixture}")
+    found = [r for r in found if r["config"].get("mixture", "uniform") == mixture and stage1_default(r["config"])]
     return sorted(found, key=lambda r: started(r["config"]), reverse=True)
 
 
@@ -189,10 +216,26 @@ class Job(NamedTuple):
     task: str
     latent: str  # None for a base
     reference: str = ""  # a key of REFERENCES, or "" for the recipe
+    mixture: str = ""  # a stage-1 run of --stage1: its p*(s|x); "" for the benchmark's runs
+
+
+def stage1_jobs(args):
+    """The Job of `train_base.py --task T --mixture M` for every task and mixture of --stage1."""
+    jobs = []
+    for task in args.tasks:
+        name = get_task(task).name
+        for mixture in args.mixtures:
+            out = os.path.join(args.runs, name, f"stage1_{mixture}")
+            jobs.append(Job(f"{task}-stage1-{mixture}", out, os.path.join(args.records, name, f"stage1_{mixture}.json"),
+                            ["train_base.py", "--task", task, "--mixture", mixture, "--out", out], None, task, None,
+                            mixture=mixture))
+    return jobs
 
 
 def jobs_for(args):
-    """The Job of every run, bases first."""
+    """The Job of every run, bases first (with --stage1, those of stage 1 with its defaults)."""
+    if getattr(args, "stage1", False):
+        return stage1_jobs(args)
     jobs = []
     for task in args.tasks:
         name = get_task(task).name
@@ -226,11 +269,21 @@ def recorded(record, task, latent, reference=""):
     return latent is None or not on_earlier_base(os.path.dirname(record), config)
 
 
+def done(job):
+    """Whether a job has a record of the current settings: for a stage-1 job, any record of that
+    task's stage-1 defaults and mixture (a base model of stage 2 can be one)."""
+    if job.mixture:
+        return bool(stage1_records(os.path.dirname(job.record), job.mixture))
+    return recorded(job.record, job.task, job.latent, job.reference)
+
+
 def why_earlier(job):
     """Why a job's run folder is not the current run ('' if it is, or there is none)."""
     config = read(os.path.join(job.folder, "config.json"))
     if config is None:
         return ""
+    if job.mixture:
+        return "" if stage1_default(config) else "settings other than train_base.py's defaults"
     if job.latent is None:
         earlier = earlier_base_settings(config)
         return f"settings {', '.join(earlier)} of an earlier train_base.py" if earlier else ""
@@ -255,14 +308,15 @@ def set_aside_earlier_run(job):
 
 
 def save_record(folder, record):
-    """Copy a finished run's config.json and metrics.json into its record. A base record of another
-    base model is kept, as base_<its start>.json: the stage-2 records that ran on it are judged by it."""
+    """Copy a finished run's config.json and metrics.json into its record. A stage-1 record of another
+    run is kept, as <base or stage1_mixture>_<its start>.json: the stage-2 records that ran on a base
+    model are judged by it."""
     os.makedirs(os.path.dirname(record), exist_ok=True)
     config = read(os.path.join(folder, "config.json"))
     replaced = (read(record) or {}).get("config")
-    if os.path.basename(record) == "base.json" and replaced and started(replaced) != started(config):
+    if "latent" not in config and replaced and started(replaced) != started(config):
         stamp = started(replaced).replace("-", "").replace(":", "").replace(" ", "-")
-        os.replace(record, os.path.join(os.path.dirname(record), f"base_{stamp}.json"))
+        os.replace(record, f"{record[:-len('.json')]}_{stamp}.json")
     saved = {"config": config, "metrics": read(os.path.join(folder, "metrics.json"))}
     if "latent" not in config:  # a base model: where its curve first met all four targets
         first = first_meeting(evaluations(folder), TARGETS["base"])
@@ -288,7 +342,7 @@ def pending_jobs(args):
     """The runs without a record of the current recipe, and the bases they need whose checkpoint is gone."""
     sync_records(args)
     jobs = jobs_for(args)
-    missing = [j for j in jobs if not recorded(j.record, j.task, j.latent, j.reference)]
+    missing = [j for j in jobs if not done(j)]
     needed = {j.needs for j in missing if j.needs is not None}
     gone = lambda j: not os.path.exists(os.path.join(j.folder, "ckpt.pt"))
     return [j for j in jobs if j in missing or (j.folder in needed and gone(j))]
@@ -393,26 +447,50 @@ def command(config, script):
     return f"python {script} {flags} (reconstructed)"
 
 
+BASE_KEYS = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
+
+
+def base_cells(record):
+    """The cells of a stage-1 record from its command to 'meets all'."""
+    config, metrics = record["config"], record["metrics"]
+    where, when = machine(config)
+    tokens = f"{metrics['train_tokens'] / 1e6:.1f}M" if "train_tokens" in metrics else "?"  # padding excluded
+    inputs = metrics.get("eval_inputs", config.get("eval_inputs", "?"))  # older runs scored on eval_inputs
+    first_met = where_met(record["first_met"]) if "first_met" in record else "not recorded"
+    return ([f"`{command(config, 'train_base.py')}`", str(config["steps"]), tokens, str(inputs),
+             f"{metrics['train_seconds']:.0f} s", where, when] + [fmt(metrics[k]) for k in BASE_KEYS]
+            + [first_met, "yes" if meets_all(metrics, "base") else "no"])
+
+
+def stage1_table(records, tasks):
+    """The newest run of `train_base.py --task T --mixture M` with no other flag, per task and mixture."""
+    rows = ["| task | p*(s\\|x) | command | steps | training tokens | inputs | wall-clock | machine | started | "
+            + " | ".join(BASE_KEYS) + " | all four first met | meets all |", "|---" * (11 + len(BASE_KEYS)) + "|"]
+    missing = []
+    for task in tasks:
+        for mixture in MIXTURES:
+            found = stage1_records(os.path.join(records, get_task(task).name), mixture)
+            if found:
+                rows.append(f"| {get_task(task).name} | {mixture} | " + " | ".join(base_cells(found[0])) + " |")
+            else:
+                missing.append((get_task(task).alias, mixture))
+    if missing:
+        rows += ["", "Not recorded with the current defaults: "
+                 + ", ".join(f"{alias} ({mixture})" for alias, mixture in missing)
+                 + "; `python benchmark/run.py --stage1 --tasks TASK --mixtures MIXTURE` runs one."]
+    return rows
+
+
 def base_table(records, tasks):
-    keys = ["answer_accuracy", "parse_rate", "strategy_tv", "strategy_tv_per_input", "excess_nll"]
     rows = ["| task | command | steps | training tokens | inputs | wall-clock | machine | started | "
-            + " | ".join(keys) + " | all four first met | meets all |", "|---" * (10 + len(keys)) + "|"]
+            + " | ".join(BASE_KEYS) + " | all four first met | meets all |", "|---" * (10 + len(BASE_KEYS)) + "|"]
     earlier = {}  # task alias -> the settings in which its latest record differs from train_base.py's defaults
     for task in tasks:
         for age, record in enumerate(base_records(os.path.join(records, get_task(task).name))):
-            config, metrics = record["config"], record["metrics"]
-            stale = earlier_base_settings(config)
+            stale = earlier_base_settings(record["config"])
             if stale and not age:
                 earlier[get_task(task).alias] = stale
-            where, when = machine(config)
-            inputs = metrics.get("eval_inputs", config.get("eval_inputs", "?"))  # older runs scored on eval_inputs
-            meets = "yes" if meets_all(metrics, "base") else "no"
-            tokens = f"{metrics['train_tokens'] / 1e6:.1f}M" if "train_tokens" in metrics else "?"  # padding excluded
-            first_met = where_met(record["first_met"]) if "first_met" in record else "not recorded"
-            rows.append(f"| {get_task(task).name} | `{command(config, 'train_base.py')}` | {config['steps']} | "
-                        f"{tokens} | {inputs} | {metrics['train_seconds']:.0f} s | {where} | {when} | "
-                        + " | ".join(fmt(metrics[k]) for k in keys)
-                        + f" | {first_met} | {meets} |")
+            rows.append(f"| {get_task(task).name} | " + " | ".join(base_cells(record)) + " |")
     rows += ["", "A task's newest base model is the one a new stage-2 run reads; the rows of a stage-2 table name "
              "the base model each run read by its start."]
     if earlier:
@@ -498,7 +576,14 @@ def write_report(args):
              + "; ".join(f"{kind}: " + ", ".join(f"{k} {op} {v}" for k, (op, v) in t.items())
                          for kind, t in TARGETS.items())
              + ".", "A reference (`--references`) is the recipe with the method's own setting put back where the",
-             "recipe departs from it, run on the same base models and seeds.", "", "## Base models", ""]
+             "recipe departs from it, run on the same base models and seeds.", "",
+             "## Stage 1 with its defaults", "",
+             "The newest run of `python train_base.py --task TASK --mixture MIXTURE` with no other flag (the",
+             "task's `TASK_STEPS`), scored against that mixture's p*(s|x) on 1,000 held-out draws; \"all four",
+             "first met\" is the first evaluation of its curve (500 draws) that meets the four targets.", ""]
+    lines += stage1_table(args.records, tasks) + ["", "## Base models of stage 2", "",
+                                                 "The base model each task's stage-2 runs read (`BASE_ARGS`), and "
+                                                 "those it replaced.", ""]
     lines += base_table(args.records, tasks) + [""]
     for latent in DEFAULT_LATENTS:
         lines += [f"## Stage 2, {latent} latent", ""]
@@ -526,6 +611,10 @@ def main(argv=None):
     parser.add_argument("--records", default=os.path.join("benchmark", "records"),
                         help="where each finished run's config and metrics are kept")
     parser.add_argument("--report", default=os.path.join("docs", "results.md"), help="the file to write")
+    parser.add_argument("--stage1", action="store_true",
+                        help="run stage 1 with its defaults for each task and --mixtures instead of the stage-2 sweep")
+    parser.add_argument("--mixtures", nargs="+", default=list(MIXTURES), choices=list(MIXTURES),
+                        help="p*(s|x) of the --stage1 runs")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: only update the records and write the report")
     args = parser.parse_args(argv)

@@ -170,7 +170,7 @@ def test_a_base_trained_again_with_the_same_settings_keeps_the_runs_on_the_one_i
     assert "| 2026-01-01 11:00 | 2026-01-01 10:00 | 1.000 |" in report  # seed 0 names the base it read
     assert "| 2026-01-02 11:00 | 2026-01-02 10:00 | 0.950 |" in report
     assert "| **min** | | | | | | | | 0.950 | 0.900 | 0.990 | 2 of 2 |" in report
-    assert report.count("| grid_pathfinding |") == 2  # both base models in the table of base models
+    assert report.split("## Base models of stage 2")[1].count("| grid_pathfinding |") == 2  # both base models
 
 
 def test_a_task_of_a_later_revision_trains_its_base_again(tmp_path, monkeypatch):
@@ -212,3 +212,25 @@ def test_a_reference_runs_the_recipe_with_the_methods_setting_and_is_reported_be
     assert "| **min** | | | | | | | | 0.950 | 1.000 | 0.990 | 0.900 | 0.950 | 1 of 1 |" in recipe
     assert "`--router gaussian`" in gaussian
     assert "| **min** | | | | | | | | 0.800 | 1.000 | 0.990 | 0.900 | 0.800 | 0 of 1 |" in gaussian
+
+
+def test_stage1_with_its_defaults_is_reported_per_mixture_and_a_base_of_stage2_can_be_one(tmp_path):
+    args = benchmark.argparse.Namespace(**{**vars(args_for(tmp_path)), "stage1": True,
+                                           "mixtures": ["uniform", "input-dependent"]})
+    folder = os.path.join(args.runs, "grid_pathfinding")
+    finish(os.path.join(folder, "base"), *BASE)  # `train_base.py --task grid --out ...`: stage 1's uniform default
+    benchmark.save_record(os.path.join(folder, "base"), os.path.join(args.records, "grid_pathfinding", "base.json"))
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-stage1-input-dependent"]
+    job = benchmark.pending_jobs(args)[0]
+    assert job.command[:5] == ["train_base.py", "--task", "grid", "--mixture", "input-dependent"]
+    shorter = {**BASE[0], "mixture": "input-dependent", "steps": 2500}  # not the task's TASK_STEPS
+    finish(job.folder, at(shorter, "2026-12-06 03:00"), BASE[1])
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-stage1-input-dependent"]
+    assert benchmark.set_aside_earlier_run(job) and os.path.exists(job.folder + ".earlier-1")
+    finish(job.folder, at({**shorter, "steps": 3500}, "2026-12-06 04:00"), {**BASE[1], "answer_accuracy": 0.95})
+    assert benchmark.pending_jobs(args) == []
+    benchmark.write_report(args)
+    stage1 = open(args.report).read().split("## Stage 1 with its defaults")[1].split("## Base models of stage 2")[0]
+    assert "| grid_pathfinding | uniform |" in stage1 and "| 0.990 | 1.000 |" in stage1
+    assert "| grid_pathfinding | input-dependent |" in stage1 and "| 0.950 | 1.000 |" in stage1
+    assert stage1.count("| yes |") == 1 and "grid (uniform)" not in stage1  # not among those not recorded

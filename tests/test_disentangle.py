@@ -424,6 +424,18 @@ def test_kmeans_finds_separated_clusters():
     assert torch.allclose(found[nearest], centres, atol=0.3)
 
 
+def test_kmeans_stopping_at_a_fixed_point_finds_what_every_iteration_would():
+    points = torch.randn(200, 3, generator=torch.Generator().manual_seed(1))  # no clusters: many iterations
+    generator, best = torch.Generator().manual_seed(0), None
+    for _ in range(D.KMEANS_RESTARTS):  # Lloyd's algorithm run to KMEANS_ITERS, as kmeans would without its stop
+        centroids = points[torch.randperm(len(points), generator=generator)[:4]]
+        for _ in range(D.KMEANS_ITERS):
+            centroids = D.cluster_means(points, torch.cdist(points, centroids).argmin(1), centroids)
+        inertia = torch.cdist(points, centroids).min(1).values.pow(2).sum().item()
+        best = min(best or (inertia, centroids), (inertia, centroids), key=lambda run: run[0])
+    assert torch.equal(D.kmeans(points, 4, torch.Generator().manual_seed(0)), best[1])
+
+
 def test_posterior_to_centroids_is_a_gaussian_mixture_at_the_set_confidence(tiny_base):
     fact, _ = tiny_fact(tiny_base)
     g = torch.Generator().manual_seed(0)
