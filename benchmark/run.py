@@ -235,7 +235,7 @@ def stage1_jobs(args):
 
 def jobs_for(args):
     """The Job of every run, bases first (with --stage1, those of stage 1 with its defaults)."""
-    if getattr(args, "stage1", False):
+    if args.stage1:
         return stage1_jobs(args)
     jobs = []
     for task in args.tasks:

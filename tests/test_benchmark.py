@@ -10,7 +10,8 @@ def args_for(tmp_path):
     """What `benchmark/run.py --tasks grid --latents discrete --seeds 0 1` parses, in tmp_path."""
     return benchmark.argparse.Namespace(runs=str(tmp_path / "runs"), records=str(tmp_path / "records"),
                                         report=str(tmp_path / "results.md"), tasks=["grid"], latents=["discrete"],
-                                        seeds=[0, 1], references=[], jobs=2, device="auto", report_only=True)
+                                        seeds=[0, 1], references=[], jobs=2, device="auto", report_only=True,
+                                        stage1=False, mixtures=list(benchmark.MIXTURES))
 
 
 def finish(folder, config, metrics, ckpt=True):
@@ -215,8 +216,7 @@ def test_a_reference_runs_the_recipe_with_the_methods_setting_and_is_reported_be
 
 
 def test_stage1_with_its_defaults_is_reported_per_mixture_and_a_base_of_stage2_can_be_one(tmp_path):
-    args = benchmark.argparse.Namespace(**{**vars(args_for(tmp_path)), "stage1": True,
-                                           "mixtures": ["uniform", "input-dependent"]})
+    args = benchmark.argparse.Namespace(**{**vars(args_for(tmp_path)), "stage1": True})
     folder = os.path.join(args.runs, "grid_pathfinding")
     finish(os.path.join(folder, "base"), *BASE)  # `train_base.py --task grid --out ...`: stage 1's uniform default
     benchmark.save_record(os.path.join(folder, "base"), os.path.join(args.records, "grid_pathfinding", "base.json"))
