@@ -273,12 +273,13 @@ class Probes:
 def fit_probes(features, labels, train_w, n_classes, steps=300, lr=0.05, l2=1e-3):
     """One logistic probe per group, all fitted at once by Adam: features (G, N, d), labels (N,),
     train_w (G, N) 1 on the samples each probe trains on. Features are standardised with those
-    samples' statistics."""
+    samples' statistics. Each probe minimises its own mean NLL + l2 |W|^2, so a probe is the same
+    whichever other groups are fitted beside it."""
     with torch.enable_grad():
         G, N, d = features.shape
-        denom = train_w.sum(1, keepdim=True).clamp(min=1)[..., None]
-        mean = (features * train_w[..., None]).sum(1, keepdim=True) / denom
-        std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / denom).sqrt() + 1e-5
+        n_train = train_w.sum(1).clamp(min=1)  # (G,)
+        mean = (features * train_w[..., None]).sum(1, keepdim=True) / n_train[:, None, None]
+        std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / n_train[:, None, None]).sqrt() + 1e-5
         Xt = ((features - mean) / std).transpose(1, 2).contiguous()  # (G, d, N): logits come out (G, C, N)
         Wt = torch.zeros(G, n_classes, d, requires_grad=True)
         b = torch.zeros(G, n_classes, 1, requires_grad=True)
@@ -287,7 +288,7 @@ def fit_probes(features, labels, train_w, n_classes, steps=300, lr=0.05, l2=1e-3
         for _ in range(steps):
             logits = Wt @ Xt + b  # (G, C, N)
             nll = F.cross_entropy(logits, target, reduction="none")  # (G, N)
-            loss = (nll * train_w).sum() / train_w.sum().clamp(min=1) + l2 * (Wt ** 2).sum() / G
+            loss = ((nll * train_w).sum(1) / n_train).sum() + l2 * (Wt ** 2).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -300,15 +301,17 @@ def train_probes(features, labels, valid, n_classes, is_train, **fit):
     fit_probes on the samples valid (G, N) marks in the training split is_train (N,). Returns
     test accuracy per group (G,), NaN where fewer than 10 test samples or fewer than two classes
     among them (late y-positions where only the longest strategy's traces are still running:
-    accuracy there would be 1.0 and say nothing).
+    accuracy there would be 1.0 and say nothing); those groups are not fitted.
     """
-    probes = fit_probes(features, labels, (valid & is_train[None]).float(), n_classes, **fit)
-    test_w = (valid & ~is_train[None]).float()
-    correct = (probes.logits(features).argmax(1) == labels[None]).float()
+    test_w = (valid & ~is_train[None]).float()  # (G, N)
     n_test = test_w.sum(1)
-    acc = (correct * test_w).sum(1) / n_test.clamp(min=1)
     classes_present = ((F.one_hot(labels, n_classes).float()[None] * test_w[..., None]).sum(1) > 0).sum(1)
-    acc[(n_test < 10) | (classes_present < 2)] = float("nan")
+    scored = (n_test >= 10) & (classes_present >= 2)  # (G,)
+    acc = torch.full((len(features),), float("nan"))
+    if scored.any():
+        probes = fit_probes(features[scored], labels, (valid[scored] & is_train[None]).float(), n_classes, **fit)
+        correct = (probes.logits(features[scored]).argmax(1) == labels[None]).float()  # (G', N)
+        acc[scored] = (correct * test_w[scored]).sum(1) / n_test[scored]
     return acc
 
 
@@ -328,10 +331,11 @@ def probe_grid(model, task, n=1200, test_fraction=1 / 3, seed=0):
     groups = feats.permute(1, 2, 0, 3).reshape(L1 * P, N, d)
     group_valid = valid.T[None].expand(L1, P, N).reshape(L1 * P, N)
     S = len(task.strategies)
-    acc = train_probes(groups, labels, group_valid, S, is_train).view(L1, P)
+    fit = dict(steps=100)  # a third of a lone probe's steps: the grid is fitted again at every evaluation of stage 1
+    acc = train_probes(groups, labels, group_valid, S, is_train, **fit).view(L1, P)
     # control: labels permuted across samples (train and test alike) carry no information
     shuffled = labels[torch.randperm(N, generator=torch.Generator().manual_seed(seed))]
-    acc_shuffled = train_probes(groups, shuffled, group_valid, S, is_train).view(L1, P)
+    acc_shuffled = train_probes(groups, shuffled, group_valid, S, is_train, **fit).view(L1, P)
     chance = Counter(labels[~is_train].tolist()).most_common(1)[0][1] / int((~is_train).sum())
     return {"acc": acc, "acc_shuffled": acc_shuffled, "chance": chance,
             "n_train": int(is_train.sum()), "n_test": int((~is_train).sum())}

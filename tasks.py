@@ -126,8 +126,8 @@ class Task:
     name = ""
     alias = ""
     strategies = ()
-    # raised when a task changes what it writes (inputs, traces): base models of an earlier
-    # revision no longer count in the benchmark, nor the stage-2 runs on them
+    # raised when a task changes what it writes (inputs, traces, the strategy a mixture favours):
+    # base models of an earlier revision no longer count in the benchmark, nor the stage-2 runs on them
     revision = 1
 
     def __init__(self, mixture="uniform"):
@@ -517,7 +517,7 @@ class LinearEquationSolving(Task):
 
 class BaseConversion(Task):
     """Write a decimal number in a target base (4 or 8). Every strategy starts from the decimal
-    value itself, so no step is shared before the strategies part. feature(x) = value mod 3."""
+    value itself, so no step is shared before the strategies part. feature(x) = units digit mod 3."""
     name, alias = "base_conversion", "base"
     strategies = ("repeated-division", "via-binary", "decomposition")
 
@@ -531,6 +531,12 @@ class BaseConversion(Task):
         # every decimal number is written with max_value's digits (38 -> 0 3 8), so each step of a
         # trace has the same length and the number it divides sits at a fixed offset
         self.width = len(str(max_value))
+
+    @property
+    def revision(self):
+        # input-dependent 2: the units digit picks the strategy (1: the value mod 3, which the digits
+        # show only through their sum); the uniform mixture writes what it always did
+        return 2 if self.mixture == "input-dependent" else 1
 
     def sample_input(self, rng):
         return (rng.randint(8, self.max_value), rng.choice(self.target_bases))
@@ -588,7 +594,7 @@ class BaseConversion(Task):
         return "".join(tokens)
 
     def feature(self, x):
-        return x[0] % 3
+        return x[0] % 10 % 3
 
 
 class MultidigitAddition(Task):

@@ -29,7 +29,7 @@ snapshot (Key Figure 1 over training).
     python train_base.py --task grid                # 2-core CPU, about 15 minutes
     python train_base.py --task sort --device cuda  # GPU, a minute or two
     python train_base.py --task add --task-options n_digits=2 --out runs/multidigit_addition/base2
-    python evaluate.py runs/grid/base               # rescore the final checkpoint
+    python evaluate.py runs/grid_pathfinding/base   # rescore the final checkpoint
 
 Writes runs/<task>/base/: ckpt.pt, config.json, log.jsonl, metrics.json, probes.npz.
 """

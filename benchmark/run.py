@@ -148,13 +148,14 @@ def earlier_base_settings(config):
     defaults = vars(BaseConfig())
     differ = sorted(k for k, v in defaults.items()
                     if k not in BASE_NOT_RECIPE and config.get(k, BASE_BEFORE.get(k, v)) != v)
-    return differ + (["task_revision"] if config.get("task_revision", 1) != get_task(config["task"]).revision else [])
+    task = get_task(config["task"], mixture=config.get("mixture", "uniform"))
+    return differ + (["task_revision"] if config.get("task_revision", 1) != task.revision else [])
 
 
 def stage1_default(config):
     """Whether a base run is `python train_base.py --task T --mixture M` with no other flag: train_base.py's
     defaults, the task's default options and TASK_STEPS, and its task's current revision."""
-    return (not earlier_base_settings({**config, "mixture": "uniform"}) and not config.get("task_options")
+    return (set(earlier_base_settings(config)) <= {"mixture"} and not config.get("task_options")
             and config["steps"] == TASK_STEPS[get_task(config["task"]).name])
 
 

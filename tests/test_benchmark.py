@@ -234,3 +234,12 @@ def test_stage1_with_its_defaults_is_reported_per_mixture_and_a_base_of_stage2_c
     assert "| grid_pathfinding | uniform |" in stage1 and "| 0.990 | 1.000 |" in stage1
     assert "| grid_pathfinding | input-dependent |" in stage1 and "| 0.950 | 1.000 |" in stage1
     assert stage1.count("| yes |") == 1 and "grid (uniform)" not in stage1  # not among those not recorded
+
+
+def test_a_task_revision_of_one_mixture_leaves_the_other_mixtures_records_current():
+    uniform, input_dependent = (benchmark.get_task("base", mixture=m) for m in ("uniform", "input-dependent"))
+    assert uniform.revision != input_dependent.revision  # only the input-dependent mixture changed what it favours
+    config = {**vars(benchmark.BaseConfig()), "task": "base_conversion", "steps": benchmark.TASK_STEPS["base_conversion"]}
+    assert benchmark.stage1_default({**config, "task_revision": uniform.revision})
+    assert benchmark.stage1_default({**config, "mixture": "input-dependent", "task_revision": input_dependent.revision})
+    assert not benchmark.stage1_default({**config, "mixture": "input-dependent", "task_revision": uniform.revision})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evaluate import (alignment_one_to_one, best_matching, branch_calibration, departures, dgp_samples, excess_nll,
-                      generation_metrics, hard_em_objective, heldout_inputs, local_coverage, strategy_tv_per_input,
+                      fit_probes, generation_metrics, hard_em_objective, heldout_inputs, local_coverage, strategy_tv_per_input,
                       train_probes, tv_distance)
 from model import GPT, GPTConfig
 from tasks import VOCAB, get_task
@@ -166,6 +166,18 @@ def test_probe_is_undefined_where_one_class_is_left():
     valid[1] = labels == 2  # group 1: only strategy 2 still has a token at this position
     acc = train_probes(torch.stack([feats, feats]), labels, valid, 3, is_train)
     assert acc[0] > 0.99 and torch.isnan(acc[1])
+
+
+def test_a_probe_does_not_depend_on_the_groups_fitted_beside_it():
+    """Each probe minimises its own objective, so the grid may leave out the groups it cannot score."""
+    g = torch.Generator().manual_seed(0)
+    feats, labels, is_train, valid = separable_data(300, 8, g)
+    noise = torch.randn(300, 8, generator=g)  # a second group with features unrelated to the labels
+    train_w = (valid & is_train[None]).float()
+    train_w[1, 100:200] = 0  # and fewer training samples
+    both = fit_probes(torch.stack([feats, noise]), labels, train_w, 3, l2=0.1)  # an l2 that shapes the weights
+    alone = fit_probes(feats[None], labels, train_w[:1], 3, l2=0.1)
+    assert torch.allclose(both.weight[:1], alone.weight, atol=1e-6) and torch.allclose(both.bias[:1], alone.bias, atol=1e-6)
 
 
 def test_metrics_do_not_depend_on_the_hash_seed():
