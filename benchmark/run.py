@@ -465,16 +465,15 @@ def base_cells(record):
 
 
 def stage1_table(records, tasks):
-    """The newest run of `train_base.py --task T --mixture M` with no other flag, per task and mixture."""
+    """Every run of `train_base.py --task T --mixture M` with no other flag, per task and mixture, newest first."""
     rows = ["| task | p*(s\\|x) | command | steps | training tokens | inputs | wall-clock | machine | started | "
             + " | ".join(BASE_KEYS) + " | all four first met | meets all |", "|---" * (11 + len(BASE_KEYS)) + "|"]
     missing = []
     for task in tasks:
         for mixture in MIXTURES:
             found = stage1_records(os.path.join(records, get_task(task).name), mixture)
-            if found:
-                rows.append(f"| {get_task(task).name} | {mixture} | " + " | ".join(base_cells(found[0])) + " |")
-            else:
+            rows += [f"| {get_task(task).name} | {mixture} | " + " | ".join(base_cells(record)) + " |" for record in found]
+            if not found:
                 missing.append((get_task(task).alias, mixture))
     if missing:
         rows += ["", "Not recorded with the current defaults: "
@@ -580,9 +579,10 @@ def write_report(args):
              + ".", "A reference (`--references`) is the recipe with the method's own setting put back where the",
              "recipe departs from it, run on the same base models and seeds.", "",
              "## Stage 1 with its defaults", "",
-             "The newest run of `python train_base.py --task TASK --mixture MIXTURE` with no other flag (the",
-             "task's `TASK_STEPS`), scored against that mixture's p*(s|x) on 1,000 held-out draws; \"all four",
-             "first met\" is the first evaluation of its curve (500 draws) that meets the four targets.", ""]
+             "Every run of `python train_base.py --task TASK --mixture MIXTURE` with no other flag (the task's",
+             "`TASK_STEPS`), newest first, scored against that mixture's p*(s|x) on 1,000 held-out draws; the same",
+             "command and seed compute differently on another machine or thread count. \"All four first met\" is",
+             "the first evaluation of its curve (500 draws) that meets the four targets.", ""]
     lines += stage1_table(args.records, tasks) + ["", "## Base models of stage 2", "",
                                                  "The base model each task's stage-2 runs read (`BASE_ARGS`), and "
                                                  "those it replaced.", ""]

@@ -234,6 +234,13 @@ def test_stage1_with_its_defaults_is_reported_per_mixture_and_a_base_of_stage2_c
     assert "| grid_pathfinding | uniform |" in stage1 and "| 0.990 | 1.000 |" in stage1
     assert "| grid_pathfinding | input-dependent |" in stage1 and "| 0.950 | 1.000 |" in stage1
     assert stage1.count("| yes |") == 1 and "grid (uniform)" not in stage1  # not among those not recorded
+    again = os.path.join(folder, "stage1_uniform")  # the same command on another machine: a row of its own
+    finish(again, at(BASE[0], "2026-12-06 05:00"), {**BASE[1], "answer_accuracy": 0.97})
+    benchmark.sync_records(args)
+    benchmark.write_report(args)
+    stage1 = open(args.report).read().split("## Stage 1 with its defaults")[1].split("## Base models of stage 2")[0]
+    uniform = [row for row in stage1.splitlines() if row.startswith("| grid_pathfinding | uniform |")]
+    assert len(uniform) == 2 and "| 0.970 |" in uniform[0] and "| 0.990 |" in uniform[1]  # newest first
 
 
 def test_a_task_revision_of_one_mixture_leaves_the_other_mixtures_records_current():
