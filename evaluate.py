@@ -278,8 +278,9 @@ def fit_probes(features, labels, train_w, n_classes, steps=300, lr=0.05, l2=1e-3
     with torch.enable_grad():
         G, N, d = features.shape
         n_train = train_w.sum(1).clamp(min=1)  # (G,)
-        mean = (features * train_w[..., None]).sum(1, keepdim=True) / n_train[:, None, None]
-        std = (((features - mean) ** 2 * train_w[..., None]).sum(1, keepdim=True) / n_train[:, None, None]).sqrt() + 1e-5
+        w, n = train_w[..., None], n_train[:, None, None]  # (G, N, 1), (G, 1, 1)
+        mean = (features * w).sum(1, keepdim=True) / n
+        std = (((features - mean) ** 2 * w).sum(1, keepdim=True) / n).sqrt() + 1e-5
         Xt = ((features - mean) / std).transpose(1, 2).contiguous()  # (G, d, N): logits come out (G, C, N)
         Wt = torch.zeros(G, n_classes, d, requires_grad=True)
         b = torch.zeros(G, n_classes, 1, requires_grad=True)

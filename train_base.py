@@ -26,7 +26,7 @@ grouped by length so padding wastes little compute. Every eval_interval steps th
 held-out inputs at temperature 1, scores them with evaluate.py, saves a checkpoint and a probe
 snapshot (Key Figure 1 over training).
 
-    python train_base.py --task grid                # 2-core CPU, about 15 minutes
+    python train_base.py --task grid                # 2-core CPU: 8 minutes alone, 13 beside another run
     python train_base.py --task sort --device cuda  # GPU, a minute or two
     python train_base.py --task add --task-options n_digits=2 --out runs/multidigit_addition/base2
     python evaluate.py runs/grid_pathfinding/base   # rescore the final checkpoint

@@ -472,7 +472,8 @@ def stage1_table(records, tasks):
     for task in tasks:
         for mixture in MIXTURES:
             found = stage1_records(os.path.join(records, get_task(task).name), mixture)
-            rows += [f"| {get_task(task).name} | {mixture} | " + " | ".join(base_cells(record)) + " |" for record in found]
+            rows += [f"| {get_task(task).name} | {mixture} | " + " | ".join(base_cells(record)) + " |"
+                     for record in found]
             if not found:
                 missing.append((get_task(task).alias, mixture))
     if missing:

@@ -246,7 +246,8 @@ def test_stage1_with_its_defaults_is_reported_per_mixture_and_a_base_of_stage2_c
 def test_a_task_revision_of_one_mixture_leaves_the_other_mixtures_records_current():
     uniform, input_dependent = (benchmark.get_task("base", mixture=m) for m in ("uniform", "input-dependent"))
     assert uniform.revision != input_dependent.revision  # only the input-dependent mixture changed what it favours
-    config = {**vars(benchmark.BaseConfig()), "task": "base_conversion", "steps": benchmark.TASK_STEPS["base_conversion"]}
+    config = {**vars(benchmark.BaseConfig()), "task": "base_conversion",
+              "steps": benchmark.TASK_STEPS["base_conversion"]}
     assert benchmark.stage1_default({**config, "task_revision": uniform.revision})
     assert benchmark.stage1_default({**config, "mixture": "input-dependent", "task_revision": input_dependent.revision})
     assert not benchmark.stage1_default({**config, "mixture": "input-dependent", "task_revision": uniform.revision})
