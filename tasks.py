@@ -8,7 +8,8 @@ execution that ends in the same final answer. A training record is
 
 The `<z> <z_empty> </z>` slot is a no-op in stage 1; stage 2 writes a latent there (a token
 `<zk>`, or a vector added at `<z_empty>`), so the factorized model starts exactly where the
-base model is. Every trace ends with `ans` followed by the final answer.
+base model is. Every trace ends with `ans` followed by the final answer (grid's answer is the path
+its steps write, so nothing follows its `ans`).
 
 The data-generating process (DGP) draws x, then a strategy s ~ p*(s|x), then y = trace(x, s):
 
@@ -31,9 +32,9 @@ sorting_algorithms (sort)        x: 3 1 4 0 2 5    (the array after each outer s
   merge-sort        1 3 0 4 2 5 ; 0 1 3 4 2 5 ; 0 1 2 3 4 5 ; ans ...
   heap-sort         5 2 4 0 1 3 ; 4 2 3 0 1 5 ; 3 2 1 0 4 5 ; 2 0 1 3 4 5 ; 1 0 2 3 4 5 ; 0 1 2 3 4 5 ; ans ...
 grid_pathfinding (grid)          x: S 1 2 G 3 4    (from row 1 col 2 to row 3 col 4)
-  right-first       R 1 3 ; R 1 4 ; D 2 4 ; D 3 4 ; ans R R D D
-  down-first        D 2 2 ; D 3 2 ; R 3 3 ; R 3 4 ; ans D D R R
-  alternating       R 1 3 ; D 2 3 ; R 2 4 ; D 3 4 ; ans R D R D
+  right-first       R 1 3 ; R 1 4 ; D 2 4 ; D 3 4 ; ans
+  down-first        D 2 2 ; D 3 2 ; R 3 3 ; R 3 4 ; ans
+  alternating       R 1 3 ; D 2 3 ; R 2 4 ; D 3 4 ; ans
 linear_equation_solving (linear) x: 7 x + 1 2 = 3 x + 2 8
   (shared first step: collect x on the left)  4 x + 1 2 = 2 8 ;
   subtract-then-divide  ... 4 x = 2 8 - 1 2 = 1 6 ; x = 1 6 / 4 = 4 ; ans 4
@@ -401,13 +402,14 @@ class SortingAlgorithms(Task):
 
 
 class GridPathfinding(Task):
-    """Shortest monotone path from S to G on a grid; each move writes the new cell.
-    feature(x) = (start row + start col) mod 3."""
+    """Shortest monotone path from S to G on a grid; each move writes the new cell, and those steps are
+    the answer. feature(x) = (start row + start col) mod 3."""
     name, alias = "grid_pathfinding", "grid"
     strategies = ("right-first", "down-first", "alternating")
-    revision = 2  # 2: every input equally likely (1 drew the start first, making long paths rare)
+    # 3: a 10x10 grid whose steps are the answer (2: 8x8, the moves copied after 'ans'; 1: long paths rare)
+    revision = 3
 
-    def __init__(self, mixture="uniform", size=8, min_steps=2):
+    def __init__(self, mixture="uniform", size=10, min_steps=2):
         super().__init__(mixture)
         if not (1 <= min_steps and 2 * min_steps <= 2 * (size - 1) and size <= 10):
             raise ValueError(f"grid needs size <= 10 and 1 <= min_steps < size, got {size}, {min_steps}")
@@ -444,24 +446,35 @@ class GridPathfinding(Task):
 
     def trace(self, x, strategy):
         r, c = x[0], x[1]
-        moves, y = self.moves(x, strategy), []
-        for m in moves:
+        y = []
+        for m in self.moves(x, strategy):
             r, c = (r + 1, c) if m == "D" else (r, c + 1)
             y += [m, str(r), str(c), ";"]
-        return y + ["ans"] + moves
+        return y + ["ans"]
+
+    def parse_answer(self, y_tokens):
+        """The path is the answer, read from y itself: its steps `move row col ;` closed by 'ans' ->
+        [(move, row, col), ...], or None. Nothing follows 'ans', so no step has to be copied."""
+        y_tokens = list(y_tokens)
+        if len(y_tokens) < 5 or len(y_tokens) % 4 != 1 or y_tokens[-1] != "ans":
+            return None
+        steps = [tuple(y_tokens[i:i + 4]) for i in range(0, len(y_tokens) - 1, 4)]
+        if any(m not in ("R", "D") or r not in DIGITS or c not in DIGITS or end != ";" for m, r, c, end in steps):
+            return None
+        return [(m, int(r), int(c)) for m, r, c, _ in steps]
 
     def answer(self, x):
         """The canonical (right-first) path; `is_correct` accepts every shortest path."""
-        return self.moves(x, "right-first")
+        return self.parse_answer(self.trace(x, "right-first"))
 
     def is_correct(self, x, answer):
-        r0, c0, r1, c1 = x
-        return answer.count("R") == c1 - c0 and answer.count("D") == r1 - r0
-
-    def read_answer(self, tokens):
-        if not tokens or any(t not in ("R", "D") for t in tokens):
-            return None
-        return list(tokens)
+        """Each step writes the cell its move leads to, and the last one is G."""
+        r, c = x[0], x[1]
+        for move, row, col in answer:
+            r, c = (r + 1, c) if move == "D" else (r, c + 1)
+            if (row, col) != (r, c):
+                return False
+        return (r, c) == (x[2], x[3])
 
     def feature(self, x):
         return (x[0] + x[1]) % 3

@@ -26,13 +26,13 @@ def uniform_model():
 def test_strategy_tv_hand_built():
     """
     Four grid inputs, p* uniform over 3 strategies. Generated: right-first twice, down-first
-    once, one garbage y. Frequencies (1/2, 1/4, 0, none 1/4) against (1/3, 1/3, 1/3, 0):
+    once, one path that stops short. Frequencies (1/2, 1/4, 0, none 1/4) against (1/3, 1/3, 1/3, 0):
     TV = (1/6 + 1/12 + 1/3 + 1/4) / 2 = 5/12.
     """
     task = get_task("grid")
     xs = [(0, 0, 2, 2), (1, 1, 3, 4), (2, 0, 5, 3), (0, 3, 4, 6)]
     ys = [task.trace(xs[0], "right-first"), task.trace(xs[1], "right-first"),
-          task.trace(xs[2], "down-first"), ["R", "ans", "R"]]
+          task.trace(xs[2], "down-first"), ["R", "0", "4", ";", "ans"]]  # parses; stops short of G
     m = generation_metrics(task, xs, ys)
     assert math.isclose(m["strategy_tv"], 5 / 12)
     assert m["parse_rate"] == 1.0 and m["answer_accuracy"] == 0.75 and m["unattributed_rate"] == 0.25

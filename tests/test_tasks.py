@@ -19,11 +19,11 @@ def independent_answer_ok(name, x, answer):
         return answer == sum(x)
     if name == "sorting_algorithms":
         return answer == sorted(x)
-    if name == "grid_pathfinding":
-        r, c = x[0], x[1]
-        for move in answer:
-            r, c = (r + 1, c) if move == "D" else (r, c + 1)
-        return (r, c) == (x[2], x[3]) and len(answer) == (x[2] - x[0]) + (x[3] - x[1])
+    if name == "grid_pathfinding":  # cells one apart, each a move down or right, from S to G
+        cells = [(x[0], x[1])] + [(row, col) for _, row, col in answer]
+        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(cells, cells[1:])]
+        return (cells[-1] == (x[2], x[3]) and all(step in ((1, 0), (0, 1)) for step in steps)
+                and [move for move, _, _ in answer] == ["D" if step == (1, 0) else "R" for step in steps])
     if name == "linear_equation_solving":
         a, b, c, d = x
         v = Fraction(d - b, a - c)
@@ -114,18 +114,23 @@ def test_records_fit_and_strategies_differ(name):
 
 
 def test_worked_example_grid():
-    """From (1, 2) to (3, 4): two moves right and two down under each strategy."""
+    """From (1, 2) to (3, 4): two moves right and two down under each strategy; the steps are the answer."""
     task = get_task("grid")
-    assert " ".join(task.trace((1, 2, 3, 4), "alternating")) == "R 1 3 ; D 2 3 ; R 2 4 ; D 3 4 ; ans R D R D"
-    assert task.parse_answer(task.trace((1, 2, 3, 4), "down-first")) == ["D", "D", "R", "R"]
+    assert " ".join(task.trace((1, 2, 3, 4), "alternating")) == "R 1 3 ; D 2 3 ; R 2 4 ; D 3 4 ; ans"
+    down_first = task.trace((1, 2, 3, 4), "down-first")
+    assert task.parse_answer(down_first) == [("D", 2, 2), ("D", 3, 2), ("R", 3, 3), ("R", 3, 4)]
+    assert task.check((1, 2, 3, 4), down_first).correct
+    assert not task.check((1, 2, 3, 4), ["D", "2", "2", ";", "D", "3", "2", ";", "R", "3", "4", ";", "ans"]).correct
+    assert not task.check((1, 2, 3, 4), down_first[:-5] + ["ans"]).correct  # stops before G
+    assert task.parse_answer(down_first + ["R"]) is None
 
 
 def test_grid_draws_every_input_equally_often():
-    """The longest path, (0,0) to (7,7), is as frequent as the shortest ones (1/441 each)."""
+    """The longest path, (0,0) to (9,9), is as frequent as the shortest ones (1/1296 each)."""
     task, rng = get_task("grid"), random.Random(0)
-    counts = collections.Counter(task.sample_input(rng) for _ in range(44_100))
-    assert len(counts) == 441  # every start and goal at least min_steps apart on both axes
-    assert 60 < counts[(0, 0, 7, 7)] < 140 and 60 < counts[(5, 5, 7, 7)] < 140  # 100 expected
+    counts = collections.Counter(task.sample_input(rng) for _ in range(64_800))
+    assert len(counts) == 1296  # every start and goal at least min_steps apart on both axes
+    assert 25 < counts[(0, 0, 9, 9)] < 80 and 25 < counts[(7, 7, 9, 9)] < 80  # 50 expected
 
 
 def test_worked_example_sum_numbers_have_one_width():
