@@ -524,8 +524,9 @@ def seed_table(found, latent, folder):
 
 
 def stage2_table(records, tasks, latent, seeds, reference=""):
-    """Per task: the runs of the current recipe (or reference), then those recorded with an earlier
-    one, apart."""
+    """Per task: the runs of the current recipe (or reference) on a base model that counts, then those
+    on an earlier base model and those recorded with an earlier recipe, each apart (min, mean and max
+    are over the runs of one table)."""
     rows = []
     for task in tasks:
         found, earlier, on_earlier = [], [], []
@@ -533,12 +534,14 @@ def stage2_table(records, tasks, latent, seeds, reference=""):
         for seed in seeds:
             config, metrics = read_record(records, task, run_name(latent, seed, reference))
             if config and metrics:
-                if current(config, task, latent, reference):
-                    found.append((seed, config, stage2_values(metrics, latent)))
-                    on_earlier += [seed] if on_earlier_base(folder, config) else []
+                row = (seed, config, stage2_values(metrics, latent))
+                if not current(config, task, latent, reference):
+                    earlier.append(row)
+                elif on_earlier_base(folder, config):
+                    on_earlier.append(row)
                 else:
-                    earlier.append((seed, config, stage2_values(metrics, latent)))
-        if not found and not earlier:
+                    found.append(row)
+        if not (found or on_earlier or earlier):
             continue
         name, flag = get_task(task).name, f" --references {reference}" if reference else ""
         again = f"`python benchmark/run.py --tasks {get_task(task).alias} --latents {latent}{flag}`"
@@ -548,11 +551,14 @@ def stage2_table(records, tasks, latent, seeds, reference=""):
             put_back = " ".join(as_flags(reference_settings(reference)))
             rows += [f"The recipe with `{put_back}`, the method's own setting where the recipe departs from it, "
                      "on the same seeds.", ""]
+        if found or on_earlier:
+            rows += [f"Recipe as resolved: `{settings((found or on_earlier)[0][1])}`.", ""]
         if found:
-            rows += [f"Recipe as resolved: `{settings(found[0][1])}`.", ""] + seed_table(found, latent, folder)
+            rows += seed_table(found, latent, folder)
         if on_earlier:
-            rows += [f"{seeds_text(on_earlier)} ran on a base model of earlier settings or an earlier task "
-                     f"revision; {again} runs them again on the newest one.", ""]
+            rows += [f"{seeds_text([seed for seed, _, _ in on_earlier])} ran on a base model of earlier settings "
+                     f"or an earlier task revision; {again} runs them again on the newest one.", ""]
+            rows += seed_table(on_earlier, latent, folder)
         if earlier:
             differ = sorted({k for _, config, _ in earlier for k in earlier_recipe(config, task, latent, reference)})
             rows += [f"{seeds_text([seed for seed, _, _ in earlier])}, recorded with an earlier recipe or code (it "

@@ -149,6 +149,13 @@ def test_a_base_of_earlier_settings_and_the_runs_on_an_earlier_base_run_again(tm
     benchmark.write_report(args)
     assert "Seeds 0, 1 ran on a base model of earlier settings" in open(args.report).read()
     assert benchmark.set_aside_earlier_run(jobs["grid-discrete-seed0"])
+    finish(os.path.join(args.runs, "grid_pathfinding", "discrete_seed0"),
+           at(stage2(0, 0.95)[0], "2026-01-02 11:00"), stage2(0, 0.95)[1])  # seed 0 again, on the new base
+    assert [j.name for j in benchmark.pending_jobs(args)] == ["grid-discrete-seed1"]
+    benchmark.write_report(args)
+    current, on_earlier = open(args.report).read().split("Seed 1 ran on a base model of earlier settings")
+    assert "| **min** | | | | | | | | 0.950 | 0.900 | 0.990 | 1 of 1 |" in current  # seed 0 alone
+    assert "| **min** | | | | | | | | 1.000 | 0.900 | 0.990 | 1 of 1 |" in on_earlier  # seed 1, apart
 
 
 def test_a_base_trained_again_with_the_same_settings_keeps_the_runs_on_the_one_it_replaces(tmp_path):
